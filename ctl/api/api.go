@@ -10,6 +10,7 @@
 //	GET    /v1/volumes/{name}          -> Volume
 //	POST   /v1/volumes/{name}/resize   ResizeVolume -> Volume
 //	DELETE /v1/volumes/{name}?force=1  -> 204
+//	POST   /v1/volumes/{name}/chap     SetCHAP -> 204 (secrets are never answered back)
 //	GET    /metrics                    Prometheus text format
 package api
 
@@ -76,6 +77,7 @@ type Volume struct {
 	NBD           string    `json:"nbd,omitempty"` // nbd://host:port/name
 	IQN           string    `json:"iqn,omitempty"`
 	Portals       []string  `json:"portals,omitempty"`
+	CHAP          bool      `json:"chap,omitempty"` // iSCSI logins need CHAP (see SetCHAP)
 }
 
 // CreateVolume is the body of POST /v1/volumes. Zero fields take defaults:
@@ -91,6 +93,17 @@ type CreateVolume struct {
 // ResizeVolume is the body of POST /v1/volumes/{name}/resize.
 type ResizeVolume struct {
 	Size int64 `json:"size"`
+}
+
+// SetCHAP is the body of POST /v1/volumes/{name}/chap: the iSCSI CHAP
+// credentials of the volume's target. An empty User turns CHAP off; mutual
+// CHAP (the target proves itself to the initiator) is optional. Secrets are
+// write-only: no answer and no log line carries them.
+type SetCHAP struct {
+	User         string `json:"user"`
+	Secret       string `json:"secret"`
+	MutualUser   string `json:"mutual_user,omitempty"`
+	MutualSecret string `json:"mutual_secret,omitempty"`
 }
 
 // Status is the answer of GET /v1/status.
