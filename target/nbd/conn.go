@@ -1,0 +1,474 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"stor.dev/stor/target"
+)
+
+const (
+	// readBufSize is the connection's read buffer: a few pipelined 4 KiB
+	// writes arrive in one read syscall.
+	readBufSize = 128 << 10
+	// keepBuf is the largest request buffer a slot keeps between requests;
+	// larger ones (up to MaxPayload) are dropped after use, bounding a
+	// connection's idle memory to MaxInFlight*keepBuf.
+	keepBuf = hdrRoom + 1<<20
+	// drainGrace bounds how long Close waits for a client that does not
+	// read its replies.
+	drainGrace = 5 * time.Second
+	// maxMapLen bounds the range one BLOCK_STATUS asks the device about;
+	// the spec lets the server answer a prefix.
+	maxMapLen = 1 << 30
+)
+
+// conn is one client connection.
+//
+// Ownership: the serve goroutine owns negotiation and reading; each request
+// is owned by one slot, which a worker owns while executing it. Replies are
+// written under wmu, one write call per reply.
+type conn struct {
+	s      *Server
+	nc     net.Conn
+	remote string
+
+	// Set once the handshake ends; read-only afterwards.
+	sess   *session
+	mapper target.Mapper
+
+	wmu    sync.Mutex // serialises reply writes on nc
+	broken atomic.Bool
+
+	free    chan *slot // idle slots; a slot is a request buffer plus a worker's turn
+	work    chan *slot // read requests waiting for a worker
+	nslots  int        // slots made so far; owned by the reader
+	workers sync.WaitGroup
+
+	mu struct {
+		sync.Mutex
+		closing bool
+	}
+}
+
+// slot carries one request from the reader to a worker and back.
+type slot struct {
+	req request
+	buf []byte // hdrRoom bytes of reply header room, then the payload
+	msg [256]byte
+}
+
+// payload returns buf resized for n payload bytes after the header room.
+func (sl *slot) payload(n int) []byte {
+	if cap(sl.buf) < hdrRoom+n {
+		sl.buf = make([]byte, hdrRoom+n)
+	}
+	sl.buf = sl.buf[:hdrRoom+n]
+	return sl.buf[hdrRoom:]
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	return &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
+}
+
+// shutdown makes the connection stop reading requests: the reader sees a
+// deadline error, drains the requests already read, and hangs up.
+func (c *conn) shutdown() {
+	c.mu.Lock()
+	c.mu.closing = true
+	c.mu.Unlock()
+	c.nc.SetReadDeadline(time.Unix(1, 0))
+	c.nc.SetWriteDeadline(time.Now().Add(drainGrace))
+}
+
+func (c *conn) closing() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.closing
+}
+
+// setReadDeadline sets the read deadline unless shutdown already set it.
+func (c *conn) setReadDeadline(t time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.mu.closing {
+		c.nc.SetReadDeadline(t)
+	}
+}
+
+// serve runs the connection to its end: handshake, transmission, close.
+func (c *conn) serve() {
+	start := time.Now()
+	log := c.s.log.With("remote", c.remote)
+	defer c.nc.Close()
+
+	c.setReadDeadline(start.Add(c.s.cfg.HandshakeTimeout))
+	br := bufio.NewReaderSize(c.nc, readBufSize)
+	sess, err := c.negotiate(br, bufio.NewWriterSize(c.nc, 4096))
+	if err != nil {
+		switch {
+		case errors.Is(err, errAbort):
+			log.Info("nbd: client aborted negotiation")
+		case c.closing():
+			log.Info("nbd: negotiation cut short by server shutdown")
+		default:
+			c.s.metrics.handshakeFailures.Inc()
+			log.Warn("nbd: negotiation failed", "err", err, "elapsed", time.Since(start))
+		}
+		return
+	}
+	c.setReadDeadline(time.Time{})
+	c.sess = sess
+	c.mapper, _ = sess.dev.(target.Mapper)
+	log = log.With("export", sess.name)
+	log.Info("nbd: export attached", "size", sess.geo.Size, "block_size", sess.geo.BlockSize,
+		"read_only", sess.geo.ReadOnly, "structured", sess.structured, "base_allocation", sess.meta)
+
+	reason := c.transmit(br)
+	if err := sess.dev.Close(); err != nil {
+		log.Warn("nbd: closing device", "err", err)
+	}
+	switch {
+	case reason == nil:
+		log.Info("nbd: client disconnected", "elapsed", time.Since(start))
+	case c.closing():
+		log.Info("nbd: connection closed by server shutdown", "elapsed", time.Since(start))
+	case errors.Is(reason, io.EOF) || errors.Is(reason, net.ErrClosed) || c.broken.Load():
+		log.Info("nbd: client hung up", "elapsed", time.Since(start))
+	default:
+		log.Warn("nbd: connection dropped", "err", reason, "elapsed", time.Since(start))
+	}
+}
+
+// transmit reads requests until NBD_CMD_DISC (nil), a read error or a
+// protocol violation, handing each to a worker; it returns after every
+// request it read has been answered ("Transmission").
+func (c *conn) transmit(br *bufio.Reader) (reason error) {
+	max := c.s.cfg.MaxInFlight
+	c.free = make(chan *slot, max)
+	c.work = make(chan *slot, max)
+	defer func() {
+		close(c.work)
+		c.workers.Wait()
+	}()
+	var hdr [requestSize]byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			return err
+		}
+		req, err := parseRequest(hdr[:])
+		if err != nil {
+			return err
+		}
+		if req.Type == cmdDisc {
+			// "NBD_CMD_DISC": handle all outstanding requests, then close.
+			return nil
+		}
+		if req.Type == cmdWrite && req.Length > MaxPayload {
+			// The payload cannot be skipped safely at any size; the spec
+			// lets the server hang up on a payload it did not advertise.
+			return fmt.Errorf("%w: write payload of %d bytes", ErrProtocol, req.Length)
+		}
+		sl := c.slot()
+		sl.req = req
+		if req.Type == cmdWrite {
+			if _, err := io.ReadFull(br, sl.payload(int(req.Length))); err != nil {
+				c.free <- sl
+				return err
+			}
+		}
+		c.work <- sl
+	}
+}
+
+// slot returns an idle slot, making one (and its worker) while fewer than
+// MaxInFlight exist, else waiting for one.
+func (c *conn) slot() *slot {
+	select {
+	case sl := <-c.free:
+		return sl
+	default:
+	}
+	if c.nslots < cap(c.free) {
+		c.nslots++
+		c.workers.Add(1)
+		go c.worker()
+		return &slot{}
+	}
+	return <-c.free
+}
+
+func (c *conn) worker() {
+	defer c.workers.Done()
+	for sl := range c.work {
+		c.handle(sl)
+		if cap(sl.buf) > keepBuf {
+			sl.buf = nil
+		}
+		c.free <- sl
+	}
+}
+
+// send writes one whole reply. A failed write means the client is gone:
+// the connection is closed so the reader stops too.
+func (c *conn) send(b []byte) {
+	if c.broken.Load() {
+		return
+	}
+	c.wmu.Lock()
+	_, err := c.nc.Write(b)
+	c.wmu.Unlock()
+	if err != nil && !c.broken.Swap(true) {
+		c.nc.Close()
+	}
+}
+
+// handle executes one request and sends its reply ("Request types").
+func (c *conn) handle(sl *slot) {
+	r := &sl.req
+	s := c.sess
+	switch r.Type {
+	case cmdRead:
+		c.read(sl)
+	case cmdWrite:
+		if e := c.check(r, cmdFlagFUA, classWrite, true); e != 0 {
+			c.replyErr(sl, e, nil)
+			return
+		}
+		err := s.dev.WriteAt(background, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), r.Flags&cmdFlagFUA != 0)
+		c.reply(sl, classWrite, err)
+	case cmdFlush:
+		c.reply(sl, classRead, s.dev.Flush(background))
+	case cmdTrim:
+		if e := c.check(r, cmdFlagFUA, classRead, true); e != 0 {
+			c.replyErr(sl, e, nil)
+			return
+		}
+		var err error
+		if r.Length > 0 {
+			err = s.dev.Trim(background, int64(r.Offset), int64(r.Length))
+			if err == nil && r.Flags&cmdFlagFUA != 0 {
+				err = s.dev.Flush(background)
+			}
+		}
+		c.reply(sl, classRead, err)
+	case cmdCache:
+		// A hint; the device has no cache to warm. Success after checks.
+		if e := c.check(r, cmdFlagFUA, classRead, false); e != 0 {
+			c.replyErr(sl, e, nil)
+			return
+		}
+		c.reply(sl, classRead, nil)
+	case cmdWriteZeroes:
+		c.writeZeroes(sl)
+	case cmdBlockStatus:
+		c.blockStatus(sl)
+	default:
+		c.replyErr(sl, errnoInval, fmt.Errorf("unknown command %d", r.Type))
+	}
+}
+
+// check validates flags and range of r: EINVAL for unknown or misplaced
+// flags, misalignment and (for the read class) a range past the end,
+// ENOSPC for a write past the end, EPERM for a write to a read-only export
+// ("Error values").
+func (c *conn) check(r *request, allowed uint16, class cmdClass, writes bool) uint32 {
+	if r.Flags&^allowed != 0 {
+		return errnoInval
+	}
+	geo := c.sess.geo
+	if writes && geo.ReadOnly {
+		return errnoPerm
+	}
+	if r.Offset > math.MaxInt64 {
+		return errno(target.ErrOutOfRange, class)
+	}
+	return errno(geo.Check(int64(r.Offset), int64(r.Length)), class)
+}
+
+func (c *conn) read(sl *slot) {
+	r := &sl.req
+	allowed := cmdFlagFUA
+	if c.sess.structured {
+		allowed |= cmdFlagDF
+	}
+	if r.Length > MaxPayload {
+		c.replyErr(sl, errnoInval, errors.New("read longer than the maximum payload"))
+		return
+	}
+	if e := c.check(r, allowed, classRead, false); e != 0 {
+		c.replyErr(sl, e, nil)
+		return
+	}
+	n := int(r.Length)
+	data := sl.payload(n)
+	if n > 0 {
+		if err := c.sess.dev.ReadAt(background, data, int64(r.Offset)); err != nil {
+			c.replyErr(sl, errno(err, classRead), err)
+			return
+		}
+	}
+	if !c.sess.structured {
+		putSimpleReply(sl.buf[hdrRoom-simpleReplySize:], 0, r.Cookie)
+		c.send(sl.buf[hdrRoom-simpleReplySize:])
+		return
+	}
+	if n == 0 {
+		c.reply(sl, classRead, nil)
+		return
+	}
+	// One OFFSET_DATA chunk, final: the data is in hand, no error can
+	// follow ("NBD_REPLY_TYPE_OFFSET_DATA").
+	h := sl.buf[hdrRoom-structuredReplySize-8:]
+	putChunk(h, replyFlagDone, replyOffsetData, r.Cookie, uint32(8+n))
+	binary.BigEndian.PutUint64(h[structuredReplySize:], r.Offset)
+	c.send(h)
+}
+
+func (c *conn) writeZeroes(sl *slot) {
+	r := &sl.req
+	if e := c.check(r, cmdFlagFUA|cmdFlagNoHole|cmdFlagFastZero, classWrite, true); e != 0 {
+		c.replyErr(sl, e, nil)
+		return
+	}
+	if r.Length == 0 {
+		c.reply(sl, classWrite, nil)
+		return
+	}
+	// WriteZeroes is metadata only, so it is fast and FAST_ZERO is
+	// honoured; it never leaves a hole, so NO_HOLE is honoured too.
+	fua := r.Flags&cmdFlagFUA != 0
+	err := c.sess.dev.WriteZeroes(background, int64(r.Offset), int64(r.Length), fua)
+	if errors.Is(err, target.ErrNotSupported) && r.Flags&cmdFlagFastZero == 0 {
+		// Without FAST_ZERO the server MUST NOT fail with ENOTSUP:
+		// write the zeros out.
+		err = c.writeZeroBuffers(int64(r.Offset), int64(r.Length), fua)
+	}
+	c.reply(sl, classWrite, err)
+}
+
+func (c *conn) writeZeroBuffers(off, n int64, fua bool) error {
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zero)))
+		if err := c.sess.dev.WriteAt(background, zero[:k], off, fua); err != nil {
+			return err
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+// blockStatus answers NBD_CMD_BLOCK_STATUS for base:allocation.
+func (c *conn) blockStatus(sl *slot) {
+	r := &sl.req
+	if !c.sess.meta {
+		c.replyErr(sl, errnoInval, errors.New("no metadata context selected"))
+		return
+	}
+	if e := c.check(r, cmdFlagFUA|cmdFlagReqOne, classRead, false); e != 0 {
+		c.replyErr(sl, e, nil)
+		return
+	}
+	if r.Length == 0 {
+		c.replyErr(sl, errnoInval, errors.New("zero-length block status"))
+		return
+	}
+	off, n := int64(r.Offset), min(int64(r.Length), maxMapLen)
+	var ext []target.Extent
+	if c.mapper != nil {
+		var err error
+		ext, err = c.mapper.Map(background, off, n)
+		if err != nil {
+			c.replyErr(sl, errno(err, classRead), err)
+			return
+		}
+	}
+	if r.Flags&cmdFlagReqOne != 0 && len(ext) > 1 {
+		ext = ext[:1]
+	}
+	if len(ext) > maxExtents {
+		ext = ext[:maxExtents]
+	}
+	if len(ext) == 0 {
+		// No map: "a server MAY always safely report a status of 0".
+		ext = append(ext, target.Extent{Off: off, Len: n, Kind: target.ExtentData})
+	}
+	p := sl.payload(structuredReplySize + 4 + 8*len(ext))
+	binary.BigEndian.PutUint32(p[structuredReplySize:], metaAllocationID)
+	d, end := p[structuredReplySize+4:], off+n
+	count := 0
+	for _, e := range ext {
+		l := min(e.Len, end-e.Off)
+		if e.Off != off || l <= 0 {
+			break // a device answered out of order: stop at what is sound
+		}
+		var f uint32
+		switch e.Kind {
+		case target.ExtentHole:
+			f = stateHole | stateZero
+		case target.ExtentZero:
+			f = stateZero
+		}
+		binary.BigEndian.PutUint32(d[8*count:], uint32(l))
+		binary.BigEndian.PutUint32(d[8*count+4:], f)
+		count++
+		off += l
+	}
+	if count == 0 {
+		binary.BigEndian.PutUint32(d, uint32(n))
+		binary.BigEndian.PutUint32(d[4:], 0)
+		count = 1
+	}
+	p = p[:structuredReplySize+4+8*count]
+	putChunk(p, replyFlagDone, replyBlockStatus, r.Cookie, uint32(4+8*count))
+	c.send(p)
+}
+
+// reply answers a request without payload: success, or err mapped for class.
+func (c *conn) reply(sl *slot, class cmdClass, err error) {
+	if err != nil {
+		c.replyErr(sl, errno(err, class), err)
+		return
+	}
+	// A simple reply is allowed for any payload-free success, structured
+	// replies or not ("Simple reply message").
+	b := sl.msg[:simpleReplySize]
+	putSimpleReply(b, 0, sl.req.Cookie)
+	c.send(b)
+}
+
+// replyErr answers with error value e, as a simple reply or, when
+// structured replies were negotiated, as an NBD_REPLY_TYPE_ERROR chunk
+// carrying a short message.
+func (c *conn) replyErr(sl *slot, e uint32, err error) {
+	if !c.sess.structured {
+		b := sl.msg[:simpleReplySize]
+		putSimpleReply(b, e, sl.req.Cookie)
+		c.send(b)
+		return
+	}
+	const fixed = structuredReplySize + 6
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	} else {
+		msg = errnoName(e)
+	}
+	msg = msg[:min(len(msg), len(sl.msg)-fixed)]
+	b := sl.msg[:fixed+len(msg)]
+	putChunk(b, replyFlagDone, replyError, sl.req.Cookie, uint32(6+len(msg)))
+	binary.BigEndian.PutUint32(b[structuredReplySize:], e)
+	binary.BigEndian.PutUint16(b[structuredReplySize+4:], uint16(len(msg)))
+	copy(b[fixed:], msg)
+	c.send(b)
+}
