@@ -79,7 +79,8 @@ func (c *conn) negotiate(br *bufio.Reader, bw *bufio.Writer) (*session, error) {
 			if opt == optExportName {
 				return nil, fmt.Errorf("%w: export name of %d bytes", ErrProtocol, length)
 			}
-			if err := optReply(bw, opt, repErrTooBig, "option data too long"); err != nil {
+			optReply(bw, opt, repErrTooBig, "option data too long")
+			if err := bw.Flush(); err != nil {
 				return nil, err
 			}
 			continue

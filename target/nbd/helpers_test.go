@@ -18,13 +18,13 @@ import (
 type testServer struct {
 	*Server
 	addr string
-	cat  *blockdevtest.Catalog
+	cat  target.Catalog
 	done chan error
 }
 
 // startServer serves cat on 127.0.0.1:0; Close and the Serve result are
 // checked at cleanup.
-func startServer(t testing.TB, cat *blockdevtest.Catalog, cfg Config) *testServer {
+func startServer(t testing.TB, cat target.Catalog, cfg Config) *testServer {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
