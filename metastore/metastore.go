@@ -273,6 +273,9 @@ type Update struct {
 	vb    [extentValueLen]byte
 	it    *pebble.Iterator
 	dirty bool
+
+	// Delta is the change in the partition's extent count so far.
+	Delta int
 }
 
 // NewUpdate starts an update of partition pkey. It must be Committed or
@@ -314,6 +317,7 @@ func (u *Update) Set(e Extent, removed func(Extent)) error {
 		if err := u.b.Delete(it.Key(), nil); err != nil {
 			return err
 		}
+		u.Delta--
 		if old.Start < start {
 			if err := u.put(old.Slice(old.Start, start)); err != nil {
 				return err
@@ -357,11 +361,13 @@ func (u *Update) Replace(old, e Extent) (bool, error) {
 	if cur != old {
 		return false, nil
 	}
+	u.Delta-- // put re-counts the replaced extent
 	return true, u.put(e)
 }
 
 func (u *Update) put(e Extent) error {
 	u.dirty = true
+	u.Delta++
 	return u.b.Set(extentKey(u.kb[:0], u.pkey, e.Start), encodeExtent(u.vb[:0], &e), nil)
 }
 
