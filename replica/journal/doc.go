@@ -1,0 +1,86 @@
+// Package journal is the append-only op journal of one partition replica.
+//
+// # Model
+//
+// A journal is a directory of segment files named NNNNNNNNNNNNNNNN.log (the
+// segment id as 16 lower-case hex digits; ids only grow and are never
+// reused while the newest segment exists). Records are appended to the newest
+// segment, the active one. Once the active segment holds Options.SegmentSize
+// bytes or more, the next Append first seals it and creates the next segment
+// (the directory is fsync'ed after every create or remove). Rotate seals on
+// demand. A sealed segment never changes again; Remove deletes it once the
+// engine no longer needs its records (their data lives elsewhere).
+//
+// Every record carries an opnum; opnums are strictly increasing across the
+// whole journal (gaps are allowed). A record is addressed by a Pos: the
+// segment id and the file offset of its data payload, which stays valid until
+// the segment is removed.
+//
+// # Record format
+//
+// All integers are little-endian. A record is a 48-byte header followed by
+// the payload: the data bytes (KindWrite only, Len of them) and then AuxLen
+// opaque aux bytes for the engine.
+//
+//	offset size field    meaning
+//	+------+----+--------+-------------------------------------------------+
+//	|    0 |  4 | magic  | 0x4c4e524a ("JRNL" as little-endian bytes)      |
+//	|    4 |  1 | kind   | 1 Write, 2 Zero, 3 Trim, 4 Meta                 |
+//	|    5 |  1 | flags  | opaque to the journal, kept for the engine      |
+//	|    6 |  1 | vers   | format version, 1                               |
+//	|    7 |  1 | -      | reserved, 0                                     |
+//	|    8 |  8 | epoch  | epoch of the primary that gave the opnum        |
+//	|   16 |  8 | opnum  | operation number, > every earlier record's      |
+//	|   24 |  8 | off    | byte offset of the logical range                |
+//	|   32 |  4 | length | byte length of the logical range; for Write     |
+//	|      |    |        | also the number of data bytes                   |
+//	|   36 |  4 | auxlen | number of aux bytes                             |
+//	|   40 |  4 | -      | reserved, 0                                     |
+//	|   44 |  4 | crc32c | Castagnoli CRC of bytes [0,44) + data + aux     |
+//	|   48 |  n | data   | Write: length bytes; other kinds: none          |
+//	|48+n  |  a | aux    | auxlen opaque bytes                             |
+//	+------+----+--------+-------------------------------------------------+
+//
+// Records are packed back to back with no padding; Pos.Off is the record's
+// file offset + 48. Zero and Trim carry no data; Meta carries only aux (its
+// off and length are stored as given). The payload (data + aux) of one record
+// is at most MaxPayload bytes.
+//
+// # Durability contract
+//
+//   - Append writes the whole record with one write call and does not fsync.
+//     The record is readable (ReadAt, Replay) as soon as Append returns, and
+//     survives a crash of the process (SIGKILL) but not of the machine.
+//   - Sync returns once every record whose Append returned before Sync was
+//     called is fsync'ed, including the tails of segments sealed since the
+//     last Sync (they are synced oldest first, the active segment last).
+//     Concurrent callers share fsyncs: at most one round of fsyncs is in
+//     flight, and callers that arrive during it are served together by the
+//     next round (group commit).
+//   - After a power loss, Open finds every record appended before the last
+//     completed Sync. Each record is either wholly present (crc ok) or cut:
+//     Open truncates the newest segment at its first invalid record, so no
+//     record after a cut survives and later appends follow valid data. A
+//     torn tail of an older segment is cut the same way only when every
+//     later segment holds no valid record (a crash right after a rotation);
+//     the later segments are then deleted. Any other invalid record, and any
+//     opnum that does not increase, is ErrCorrupt (see CorruptError) and
+//     Open fails rather than drop data that may have been acknowledged.
+//   - An fsync or write error poisons the journal: every later Append and
+//     Sync returns it, because after a failed fsync the kernel may have
+//     dropped dirty pages and a retry could falsely succeed. Reopen to
+//     recover what is on disk.
+//   - Remove is durable when it returns (the directory is fsync'ed).
+//
+// # Concurrency
+//
+// Every method is safe for concurrent use. Appends are serialized and land in
+// the order of the calls. ReadAt and Replay never wait for an Append's write
+// call; a segment removed while a reader holds it stays readable by that
+// reader, and later reads of it return ErrRemoved. The journal assumes its
+// vfs.File allows WriteAt concurrently with Sync and ReadAt on the same file,
+// as both vfs.Default (os.File) and vfs.MemFS do.
+//
+// Open takes a lock file (LOCK) in the directory; a second Open of the same
+// directory fails until Close.
+package journal

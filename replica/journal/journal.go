@@ -1,0 +1,742 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/cockroachdb/pebble/vfs"
+)
+
+// Errors the journal returns, alone or wrapped with %w and the facts.
+var (
+	ErrCorrupt = errors.New("journal: corrupt record")
+	ErrOpNum   = errors.New("journal: opnum not increasing")
+	ErrClosed  = errors.New("journal: closed")
+	ErrRemoved = errors.New("journal: segment removed")
+	ErrInvalid = errors.New("journal: invalid record")
+	ErrActive  = errors.New("journal: segment is active")
+	ErrRange   = errors.New("journal: read outside the segment's records")
+	// ErrFailed wraps a write or fsync error that poisoned the journal; only
+	// Close and reads still work. Reopen to recover what is on disk.
+	ErrFailed = errors.New("journal: failed")
+)
+
+// CorruptError is the ErrCorrupt that Open and Replay return, with the facts.
+type CorruptError struct {
+	Seg    uint64 // segment id
+	Off    int64  // file offset of the record
+	Reason string
+}
+
+func (e *CorruptError) Error() string {
+	return fmt.Sprintf("%v: segment %016x offset %d: %s", ErrCorrupt, e.Seg, e.Off, e.Reason)
+}
+
+// Unwrap makes errors.Is(err, ErrCorrupt) true.
+func (e *CorruptError) Unwrap() error { return ErrCorrupt }
+
+// DefaultSegmentSize is the segment size when Options.SegmentSize is 0.
+const DefaultSegmentSize = 64 << 20
+
+// Options configure a Journal. The zero value is usable.
+type Options struct {
+	// SegmentSize is the size at which the active segment is sealed: the
+	// first Append that finds it at or past this size starts a new segment.
+	SegmentSize int64
+	// Logger receives recovery facts (cut tails). Nil discards.
+	Logger *slog.Logger
+}
+
+// SegmentInfo describes one segment.
+type SegmentInfo struct {
+	ID              uint64
+	Size            int64  // bytes of valid records
+	FirstOp, LastOp uint64 // 0, 0 when the segment holds no record
+	Records         int64
+	Active          bool
+}
+
+const (
+	lockName    = "LOCK"
+	segSuffix   = ".log"
+	tmpSuffix   = ".tmp"
+	scanBufSize = 1 << 20
+	keepBufSize = 4 << 20 // Append keeps a buffer up to this size for reuse
+)
+
+// segment is one segment file. f is immutable; the file is closed when the
+// last reference is released (the journal's table holds one, and every
+// reader or syncer in flight one more).
+type segment struct {
+	id   uint64
+	path string
+	f    vfs.File
+	refs atomic.Int32
+	size atomic.Int64 // bytes of valid records; grows only under Journal.mu
+
+	// Guarded by Journal.mu.
+	firstOp, lastOp uint64
+	records         int64
+}
+
+func (s *segment) acquire() { s.refs.Add(1) }
+
+func (s *segment) release() error {
+	if n := s.refs.Add(-1); n == 0 {
+		return s.f.Close()
+	} else if n < 0 {
+		panic("journal: segment released too often")
+	}
+	return nil
+}
+
+func (s *segment) info(active bool) SegmentInfo {
+	return SegmentInfo{ID: s.id, Size: s.size.Load(), FirstOp: s.firstOp, LastOp: s.lastOp, Records: s.records, Active: active}
+}
+
+// Journal is an open journal directory. See the package doc.
+type Journal struct {
+	fs      vfs.FS
+	dir     string
+	segSize int64
+	log     *slog.Logger
+	lock    io.Closer
+	dirf    vfs.File // for fsyncs of the directory
+
+	closed atomic.Bool
+	last   atomic.Uint64 // mirrors mu.last
+	synced atomic.Uint64 // mirrors commit.synced
+	fail   atomic.Pointer[error]
+
+	mu struct {
+		sync.Mutex
+		closed   bool
+		active   *segment
+		segs     []*segment // every live segment by id; active last
+		unsynced []*segment // sealed segments not yet fsync'ed, oldest first
+		last     uint64     // opnum of the last appended record
+		buf      []byte     // record assembly buffer
+	}
+
+	// tab maps ids to live segments for readers, so that ReadAt never waits
+	// for mu (held across the write call of an Append).
+	tab struct {
+		sync.RWMutex
+		m map[uint64]*segment
+	}
+
+	// commit is the group-commit state: one leader at a time runs a round of
+	// fsyncs; others wait on done and loop.
+	commit struct {
+		sync.Mutex
+		running bool
+		waiters int           // callers waiting for a round to end
+		synced  uint64        // every opnum <= synced is durable
+		done    chan struct{} // closed when the running round ends
+		scratch []*segment    // owned by the running leader
+	}
+}
+
+func segName(id uint64) string { return fmt.Sprintf("%016x%s", id, segSuffix) }
+
+func parseSegName(name string) (uint64, bool) {
+	if len(name) != 16+len(segSuffix) || !strings.HasSuffix(name, segSuffix) {
+		return 0, false
+	}
+	id, err := strconv.ParseUint(name[:16], 16, 64)
+	if err != nil || id == 0 || segName(id) != name {
+		return 0, false
+	}
+	return id, true
+}
+
+func (j *Journal) path(id uint64) string { return j.fs.PathJoin(j.dir, segName(id)) }
+
+// Open opens the journal in dir, creating it if needed. It reads every
+// segment and checks every record; see the package doc for how torn tails
+// are cut and what is ErrCorrupt.
+func Open(fs vfs.FS, dir string, opts Options) (*Journal, error) {
+	j := &Journal{fs: fs, dir: dir, segSize: opts.SegmentSize, log: opts.Logger}
+	if j.segSize <= 0 {
+		j.segSize = DefaultSegmentSize
+	}
+	if j.log == nil {
+		j.log = slog.New(slog.DiscardHandler)
+	}
+	j.log = j.log.With("journal", dir)
+	if err := fs.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("journal: create %s: %w", dir, err)
+	}
+	if err := syncDir(fs, fs.PathDir(dir)); err != nil {
+		return nil, err
+	}
+	lock, err := fs.Lock(fs.PathJoin(dir, lockName))
+	if err != nil {
+		return nil, fmt.Errorf("journal: lock %s: %w", dir, err)
+	}
+	j.lock = lock
+	if err := j.load(); err != nil {
+		for _, s := range j.mu.segs {
+			if s.f != nil {
+				s.f.Close()
+			}
+		}
+		if j.dirf != nil {
+			j.dirf.Close()
+		}
+		lock.Close()
+		return nil, err
+	}
+	j.tab.m = make(map[uint64]*segment, len(j.mu.segs))
+	for _, s := range j.mu.segs {
+		j.tab.m[s.id] = s
+	}
+	j.commit.done = make(chan struct{})
+	return j, nil
+}
+
+func syncDir(fs vfs.FS, dir string) error {
+	d, err := fs.OpenDir(dir)
+	if err != nil {
+		return fmt.Errorf("journal: open dir %s: %w", dir, err)
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("journal: fsync dir %s: %w", dir, err)
+	}
+	return nil
+}
+
+// load scans the directory into j.mu: segments, last opnum, active segment.
+func (j *Journal) load() error {
+	names, err := j.fs.List(j.dir)
+	if err != nil {
+		return fmt.Errorf("journal: list %s: %w", j.dir, err)
+	}
+	if j.dirf, err = j.fs.OpenDir(j.dir); err != nil {
+		return fmt.Errorf("journal: open dir %s: %w", j.dir, err)
+	}
+	var ids []uint64
+	removed := false
+	for _, name := range names {
+		if strings.HasSuffix(name, tmpSuffix) {
+			// Left by an interrupted rewrite (see cut); the original is intact.
+			if err := j.fs.Remove(j.fs.PathJoin(j.dir, name)); err != nil {
+				return fmt.Errorf("journal: remove %s: %w", name, err)
+			}
+			removed = true
+			continue
+		}
+		if id, ok := parseSegName(name); ok {
+			ids = append(ids, id)
+		}
+	}
+	slices.Sort(ids)
+
+	buf := make([]byte, scanBufSize)
+	var prev uint64
+	for i, id := range ids {
+		s, err := j.openSegment(id, i == len(ids)-1)
+		if err != nil {
+			return err
+		}
+		j.mu.segs = append(j.mu.segs, s)
+		st, err := s.f.Stat()
+		if err != nil {
+			return fmt.Errorf("journal: stat %s: %w", s.path, err)
+		}
+		fileSize := st.Size()
+		sc := newScanner(s.f, fileSize, buf)
+		off := int64(0)
+		bad := ""
+		for off < fileSize {
+			var h header
+			if _, _, bad, err = sc.next(off, &h); err != nil {
+				return fmt.Errorf("journal: read %s at %d: %w", s.path, off, err)
+			}
+			if bad != "" {
+				break
+			}
+			if h.opnum <= prev {
+				return &CorruptError{Seg: id, Off: off, Reason: fmt.Sprintf("opnum %d after %d", h.opnum, prev)}
+			}
+			prev = h.opnum
+			if s.records == 0 {
+				s.firstOp = h.opnum
+			}
+			s.lastOp = h.opnum
+			s.records++
+			off += HeaderSize + h.payloadLen()
+		}
+		buf = sc.buf
+		s.size.Store(off)
+		if off == fileSize {
+			continue
+		}
+		// An invalid record at off: a torn tail if nothing valid follows.
+		later := ids[i+1:]
+		for _, lid := range later {
+			ok, err := j.startsWithRecord(lid)
+			if err != nil {
+				return err
+			}
+			if ok {
+				return &CorruptError{Seg: id, Off: off, Reason: fmt.Sprintf("%s, and segment %016x holds records", bad, lid)}
+			}
+		}
+		j.log.Warn("journal: cutting torn tail", "segment", id, "offset", off, "bytes", fileSize-off,
+			"reason", bad, "later_segments_dropped", len(later))
+		for _, lid := range later {
+			if err := j.fs.Remove(j.path(lid)); err != nil {
+				return fmt.Errorf("journal: remove %s: %w", j.path(lid), err)
+			}
+			removed = true
+		}
+		if err := j.cut(s, off); err != nil {
+			return err
+		}
+		break
+	}
+	if removed {
+		if err := j.dirf.Sync(); err != nil {
+			return fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
+		}
+	}
+	if len(j.mu.segs) == 0 {
+		s, err := j.createSegment(1)
+		if err != nil {
+			return err
+		}
+		j.mu.segs = append(j.mu.segs, s)
+	}
+	// What we found may sit in the page cache only (the process crashed, not
+	// the machine): make it durable before calling it synced. Clean files
+	// cost next to nothing.
+	for _, s := range j.mu.segs {
+		if err := s.f.Sync(); err != nil {
+			return fmt.Errorf("journal: fsync %s: %w", s.path, err)
+		}
+	}
+	j.mu.active = j.mu.segs[len(j.mu.segs)-1]
+	j.mu.last = prev
+	j.last.Store(prev)
+	j.synced.Store(prev)
+	j.commit.synced = prev
+	return nil
+}
+
+// openSegment opens an existing segment, for writing if it is the newest.
+func (j *Journal) openSegment(id uint64, writable bool) (*segment, error) {
+	s := &segment{id: id, path: j.path(id)}
+	var err error
+	if writable {
+		s.f, err = j.fs.OpenReadWrite(s.path)
+	} else {
+		s.f, err = j.fs.Open(s.path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("journal: open %s: %w", s.path, err)
+	}
+	s.refs.Store(1)
+	return s, nil
+}
+
+// createSegment creates an empty segment and fsyncs the directory.
+func (j *Journal) createSegment(id uint64) (*segment, error) {
+	s := &segment{id: id, path: j.path(id)}
+	f, err := j.fs.Create(s.path)
+	if err != nil {
+		return nil, fmt.Errorf("journal: create %s: %w", s.path, err)
+	}
+	if err := j.dirf.Sync(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
+	}
+	s.f = f
+	s.refs.Store(1)
+	return s, nil
+}
+
+// startsWithRecord reports whether segment id begins with a valid record.
+func (j *Journal) startsWithRecord(id uint64) (bool, error) {
+	s, err := j.openSegment(id, false)
+	if err != nil {
+		return false, err
+	}
+	defer s.f.Close()
+	st, err := s.f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("journal: stat %s: %w", s.path, err)
+	}
+	var h header
+	_, _, bad, err := newScanner(s.f, st.Size(), nil).next(0, &h)
+	if err != nil {
+		return false, fmt.Errorf("journal: read %s: %w", s.path, err)
+	}
+	return bad == "", nil
+}
+
+// truncater is implemented by files that can shrink (os.File).
+type truncater interface{ Truncate(size int64) error }
+
+// cut makes s end at off, durably, and reopens it for writing.
+func (j *Journal) cut(s *segment, off int64) error {
+	if err := s.f.Close(); err != nil {
+		return fmt.Errorf("journal: close %s: %w", s.path, err)
+	}
+	s.f = nil
+	f, err := j.fs.OpenReadWrite(s.path)
+	if err != nil {
+		return fmt.Errorf("journal: open %s: %w", s.path, err)
+	}
+	if t, ok := f.(truncater); ok {
+		if err := t.Truncate(off); err != nil {
+			f.Close()
+			return fmt.Errorf("journal: truncate %s to %d: %w", s.path, off, err)
+		}
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return fmt.Errorf("journal: fsync %s: %w", s.path, err)
+		}
+		s.f = f
+		return nil
+	}
+	// No truncate in this FS: copy the valid prefix to a temporary file and
+	// rename it over the segment. A crash leaves either file whole.
+	err = j.rewritePrefix(f, s.path, off)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	if s.f, err = j.fs.OpenReadWrite(s.path); err != nil {
+		return fmt.Errorf("journal: open %s: %w", s.path, err)
+	}
+	return nil
+}
+
+func (j *Journal) rewritePrefix(src vfs.File, path string, n int64) error {
+	tmp := path + tmpSuffix
+	dst, err := j.fs.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("journal: create %s: %w", tmp, err)
+	}
+	_, err = io.Copy(dst, io.NewSectionReader(src, 0, n))
+	if err == nil {
+		err = dst.Sync()
+	}
+	if cerr := dst.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = j.fs.Rename(tmp, path)
+	}
+	if err == nil {
+		err = j.dirf.Sync()
+	}
+	if err != nil {
+		return fmt.Errorf("journal: rewrite %s to %d bytes: %w", path, n, err)
+	}
+	return nil
+}
+
+// failed returns the error that poisoned the journal, or nil.
+func (j *Journal) failed() error {
+	if p := j.fail.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// poison records err as fatal (the first one wins) and returns the fatal error.
+func (j *Journal) poison(err error) error {
+	j.fail.CompareAndSwap(nil, &err)
+	return j.failed()
+}
+
+// Append writes r as the next record of the journal with a single write
+// call, and returns the position of its data. It does not fsync (see Sync).
+// r.OpNum must exceed every opnum appended before (ErrOpNum); r is checked
+// against the format rules (ErrInvalid). The journal does not keep r.
+func (j *Journal) Append(r *Record) (Pos, error) {
+	if err := checkRecord(r); err != nil {
+		return Pos{}, err
+	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.mu.closed {
+		return Pos{}, ErrClosed
+	}
+	if err := j.failed(); err != nil {
+		return Pos{}, err
+	}
+	if r.OpNum <= j.mu.last {
+		return Pos{}, fmt.Errorf("%w: opnum %d after %d", ErrOpNum, r.OpNum, j.mu.last)
+	}
+	s := j.mu.active
+	if off := s.size.Load(); off > 0 && off >= j.segSize {
+		if _, err := j.rotateLocked(); err != nil {
+			return Pos{}, err
+		}
+		s = j.mu.active
+	}
+	n := HeaderSize + len(r.Data) + len(r.Aux)
+	b := j.mu.buf
+	if cap(b) < n {
+		b = make([]byte, n)
+		if n <= keepBufSize {
+			j.mu.buf = b
+		}
+	}
+	b = b[:n]
+	encodeRecord(b, r)
+	off := s.size.Load()
+	if _, err := s.f.WriteAt(b, off); err != nil {
+		return Pos{}, j.poison(fmt.Errorf("%w: write %s at %d: %w", ErrFailed, s.path, off, err))
+	}
+	if s.records == 0 {
+		s.firstOp = r.OpNum
+	}
+	s.lastOp = r.OpNum
+	s.records++
+	s.size.Store(off + int64(n))
+	j.mu.last = r.OpNum
+	j.last.Store(r.OpNum)
+	return Pos{Seg: s.id, Off: off + HeaderSize}, nil
+}
+
+// Rotate seals the active segment, if it holds any record, and starts a new
+// one. It returns the id of the sealed segment, or 0 if the active segment
+// was empty and nothing changed. The sealed segment's tail is fsync'ed by
+// the next Sync.
+func (j *Journal) Rotate() (sealed uint64, err error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if j.mu.closed {
+		return 0, ErrClosed
+	}
+	if err := j.failed(); err != nil {
+		return 0, err
+	}
+	if j.mu.active.size.Load() == 0 {
+		return 0, nil
+	}
+	return j.rotateLocked()
+}
+
+// rotateLocked seals the active segment and creates the next.
+// REQUIRES: j.mu
+func (j *Journal) rotateLocked() (uint64, error) {
+	old := j.mu.active
+	s, err := j.createSegment(old.id + 1)
+	if err != nil {
+		return 0, err
+	}
+	j.tab.Lock()
+	j.tab.m[s.id] = s
+	j.tab.Unlock()
+	j.mu.unsynced = append(j.mu.unsynced, old)
+	j.mu.segs = append(j.mu.segs, s)
+	j.mu.active = s
+	return old.id, nil
+}
+
+// LastOpNum is the opnum of the last appended record (0 if none).
+func (j *Journal) LastOpNum() uint64 { return j.last.Load() }
+
+// SyncedOpNum is the highest opnum known durable: every record up to it
+// survives power loss.
+func (j *Journal) SyncedOpNum() uint64 { return j.synced.Load() }
+
+// acquire returns segment id with a reference, or nil if it is not live.
+func (j *Journal) acquire(id uint64) *segment {
+	j.tab.RLock()
+	s := j.tab.m[id]
+	if s != nil {
+		s.acquire()
+	}
+	j.tab.RUnlock()
+	return s
+}
+
+// ReadAt fills p with the journal bytes at pos: a record's data, or a part
+// of it at Pos{Seg, Off + k}. It reads with one pread, does not check the
+// crc, and never waits for an Append. A removed segment is ErrRemoved; a
+// range beyond the segment's records is ErrRange.
+func (j *Journal) ReadAt(p []byte, pos Pos) error {
+	s := j.acquire(pos.Seg)
+	if s == nil {
+		if j.closed.Load() {
+			return ErrClosed
+		}
+		return fmt.Errorf("%w: segment %016x", ErrRemoved, pos.Seg)
+	}
+	defer s.release()
+	if pos.Off < HeaderSize || pos.Off > s.size.Load()-int64(len(p)) {
+		return fmt.Errorf("%w: segment %016x offset %d length %d", ErrRange, pos.Seg, pos.Off, len(p))
+	}
+	if n, err := s.f.ReadAt(p, pos.Off); n != len(p) {
+		if err == nil || errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return fmt.Errorf("journal: read %s at %d: %w", s.path, pos.Off, err)
+	}
+	return nil
+}
+
+// Replay calls fn for every record with OpNum > after, in order, with the
+// position of its data. r and its Data and Aux are valid only during fn.
+// Records appended after Replay starts are not visited. fn may call other
+// methods of the journal. An error from fn stops Replay and is returned.
+func (j *Journal) Replay(after uint64, fn func(r *Record, pos Pos) error) error {
+	type item struct {
+		s    *segment
+		size int64
+	}
+	j.mu.Lock()
+	if j.mu.closed {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	var items []item
+	for _, s := range j.mu.segs {
+		if s.records > 0 && s.lastOp > after {
+			s.acquire()
+			items = append(items, item{s, s.size.Load()})
+		}
+	}
+	j.mu.Unlock()
+	defer func() {
+		for _, it := range items {
+			it.s.release()
+		}
+	}()
+	buf := make([]byte, scanBufSize)
+	var r Record
+	for _, it := range items {
+		sc := newScanner(it.s.f, it.size, buf)
+		for off := int64(0); off < it.size; {
+			var h header
+			data, aux, bad, err := sc.next(off, &h)
+			if err != nil {
+				return fmt.Errorf("journal: replay %s at %d: %w", it.s.path, off, err)
+			}
+			if bad != "" {
+				return &CorruptError{Seg: it.s.id, Off: off, Reason: bad}
+			}
+			if h.opnum > after {
+				r = Record{Kind: h.kind, Flags: h.flags, Epoch: h.epoch, OpNum: h.opnum,
+					Off: int64(h.off), Len: int64(h.length), Data: data, Aux: aux}
+				if len(r.Data) == 0 {
+					r.Data = nil
+				}
+				if len(r.Aux) == 0 {
+					r.Aux = nil
+				}
+				if err := fn(&r, Pos{Seg: it.s.id, Off: off + HeaderSize}); err != nil {
+					return err
+				}
+			}
+			off += HeaderSize + h.payloadLen()
+		}
+		buf = sc.buf
+	}
+	return nil
+}
+
+// Segments describes the live segments in id order; the last is active.
+func (j *Journal) Segments() []SegmentInfo {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	out := make([]SegmentInfo, len(j.mu.segs))
+	for i, s := range j.mu.segs {
+		out[i] = s.info(s == j.mu.active)
+	}
+	return out
+}
+
+// Remove deletes sealed segment seg and fsyncs the directory. The active
+// segment is refused (ErrActive); an unknown or removed one is ErrRemoved.
+// Readers holding the segment finish their reads; later reads of it return
+// ErrRemoved.
+func (j *Journal) Remove(seg uint64) error {
+	j.mu.Lock()
+	if j.mu.closed {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	i := slices.IndexFunc(j.mu.segs, func(s *segment) bool { return s.id == seg })
+	if i < 0 {
+		j.mu.Unlock()
+		return fmt.Errorf("%w: segment %016x", ErrRemoved, seg)
+	}
+	s := j.mu.segs[i]
+	if s == j.mu.active {
+		j.mu.Unlock()
+		return fmt.Errorf("%w: cannot remove segment %016x", ErrActive, seg)
+	}
+	j.mu.segs = slices.Delete(j.mu.segs, i, i+1)
+	if k := slices.Index(j.mu.unsynced, s); k >= 0 {
+		j.mu.unsynced = slices.Delete(j.mu.unsynced, k, k+1)
+	}
+	j.tab.Lock()
+	delete(j.tab.m, seg)
+	j.tab.Unlock()
+	j.mu.Unlock()
+
+	err := j.fs.Remove(s.path)
+	if err != nil {
+		err = fmt.Errorf("journal: remove %s: %w", s.path, err)
+	} else if err = j.dirf.Sync(); err != nil {
+		err = fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
+	}
+	s.release()
+	return err
+}
+
+// Close fsyncs what was appended, closes every file and releases the lock.
+// Later calls return ErrClosed; reads in flight finish first.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.mu.closed {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	j.mu.closed = true
+	j.closed.Store(true)
+	last := j.mu.last
+	j.mu.Unlock()
+
+	var errs []error
+	if err := j.syncTo(nil, last); err != nil {
+		errs = append(errs, err)
+	}
+	j.mu.Lock()
+	segs := j.mu.segs
+	j.mu.segs, j.mu.unsynced, j.mu.active = nil, nil, nil
+	j.mu.Unlock()
+	j.tab.Lock()
+	j.tab.m = nil
+	j.tab.Unlock()
+	for _, s := range segs {
+		if err := s.release(); err != nil {
+			errs = append(errs, fmt.Errorf("journal: close %s: %w", s.path, err))
+		}
+	}
+	if err := j.dirf.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("journal: close dir %s: %w", j.dir, err))
+	}
+	if err := j.lock.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("journal: unlock %s: %w", j.dir, err))
+	}
+	return errors.Join(errs...)
+}
