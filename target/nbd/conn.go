@@ -388,6 +388,9 @@ func (c *conn) blockStatus(sl *slot) {
 	if c.mapper != nil {
 		var err error
 		ext, err = c.mapper.Map(background, off, n)
+		if errors.Is(err, target.ErrNotSupported) {
+			ext, err = nil, nil // no map after all: report status 0
+		}
 		if err != nil {
 			c.replyErr(sl, errno(err, classRead), err)
 			return

@@ -157,8 +157,8 @@ func TestOptInfo_MalformedIsInvalid(t *testing.T) {
 	c.greet(clientFixedNewstyle)
 	for _, data := range [][]byte{
 		nil,
-		{0, 0, 0, 9, 'v', 'o', 'l', '1', 0, 0},      // name length past the data
-		append(goData("vol1"), 0),                   // trailing byte
+		{0, 0, 0, 9, 'v', 'o', 'l', '1', 0, 0}, // name length past the data
+		append(goData("vol1"), 0),              // trailing byte
 		append(goData("vol1", 1, 2)[:10], 0, 2, 0), // count says 2, one given
 	} {
 		c.option(optGo, data)
