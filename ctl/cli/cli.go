@@ -30,6 +30,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -80,6 +81,9 @@ func (e *opError) Unwrap() error { return e.err }
 func run(args []string, stdout, stderr io.Writer, getenv func(string) string) int {
 	a := &app{stdout: stdout, getenv: getenv}
 	root := a.rootCommand()
+	if args == nil {
+		args = []string{} // cobra reads os.Args for nil
+	}
 	root.SetArgs(args)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
@@ -197,7 +201,13 @@ func (a *app) setup(cmd *cobra.Command, _ []string) error {
 	if a.apiURL == "" {
 		a.apiURL = DefaultAPI
 	}
-	a.c = client.New(a.apiURL, &http.Client{Timeout: a.timeout})
+	// The deadline is the context's (runE), so that a slow server is
+	// reported as such and not as unreachable.
+	a.c = client.New(a.apiURL, &http.Client{})
+	u, err := url.Parse(a.c.URL())
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return usagef("invalid API URL %q: want http://HOST:PORT", a.apiURL)
+	}
 	a.apiURL = a.c.URL()
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 
@@ -169,6 +171,8 @@ func TestErrors(t *testing.T) {
 		{"unknown-subcommand", []string{"volume", "grow"}, 2, `storctl: volume: unknown command "grow" (want one of chap, create, delete, list, resize, show)`},
 		{"list-arg", []string{"volume", "list", "x"}, 2, `storctl: volume list: unexpected argument "x"`},
 		{"bad-output", []string{"-o", "yaml", "status"}, 2, `storctl: status: invalid --output "yaml": want table or json`},
+		{"bad-api", []string{"--api", "ftp://x", "status"}, 2, `storctl: status: invalid API URL "ftp://x": want http://HOST:PORT`},
+		{"bad-timeout", []string{"--timeout", "0s", "status"}, 2, `storctl: status: invalid --timeout 0s: want more than 0`},
 		{"resize-no-size", []string{"volume", "resize", "vol0"}, 2, `storctl: volume resize: missing --size (e.g. --size 20G or --size +5G)`},
 		{"chap-no-secret", []string{"volume", "chap", "vol0", "--user", "u"}, 2, `storctl: volume chap: want --user and --secret (or --disable)`},
 		{"chap-half-mutual", []string{"volume", "chap", "vol0", "--user", "u", "--secret", "0123456789abcdef", "--mutual-user", "t"}, 2,
@@ -240,6 +244,21 @@ func TestUnreachable(t *testing.T) {
 }
 
 // TestEnvAPI: $STOR_API is used without --api, and --api wins over it.
+// TestTimeout: a server that never answers is reported as slow, within
+// --timeout.
+func TestTimeout(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		<-r.Context().Done()
+	}))
+	defer srv.Close()
+	var out, errb bytes.Buffer
+	code := run([]string{"--api", srv.URL, "--timeout", "50ms", "status"}, &out, &errb, func(string) string { return "" })
+	if code != 1 {
+		t.Errorf("exit %d, want 1", code)
+	}
+	checkLine(t, errb.String(), "storctl: status: no answer from the stor API at "+srv.URL+" within 50ms (set --timeout)")
+}
+
 func TestEnvAPI(t *testing.T) {
 	e := newEnv(t)
 	var out, errb bytes.Buffer
