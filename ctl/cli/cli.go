@@ -554,7 +554,7 @@ func (a *app) printVolume(v api.Volume) error {
 	row(tw, "NBD", v.NBD)
 	row(tw, "iSCSI IQN", v.IQN)
 	row(tw, "iSCSI portals", strings.Join(v.Portals, ", "))
-	if v.IQN != "" {
+	if len(v.Portals) > 0 || v.CHAP {
 		row(tw, "iSCSI CHAP", onOff(v.CHAP))
 	}
 	return tw.Flush()

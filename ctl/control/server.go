@@ -35,8 +35,9 @@
 //   - Request bodies are at most MaxBodyBytes, JSON objects with no unknown
 //     fields and nothing after them; anything else is 400 (413 if too large).
 //   - A panic in a backend answers 500 and is logged; the server goes on.
-//   - Logging: one line per volume change (create, resize, delete, chap) and
-//     per 5xx answer; never one per read-only request.
+//   - Logging: the backend logs each volume change (it is where the change
+//     happens); the handler logs 5xx answers and panics at Error, and changes
+//     and refusals at Debug; never a line per read-only request at Info.
 package control
 
 import (
@@ -211,7 +212,7 @@ func (h *handler) createVolume(w http.ResponseWriter, r *http.Request) {
 		h.writeError(w, r, err)
 		return
 	}
-	h.log.Info("api: volume created", "volume", v.Name, "id", v.ID, "size", v.Size,
+	h.log.Debug("api: volume created", "volume", v.Name, "id", v.ID, "size", v.Size,
 		"block_size", v.BlockSize, "partition_size", v.PartitionSize, "replicas", v.Replicas)
 	w.Header().Set("Location", "/v1/volumes/"+url.PathEscape(v.Name))
 	writeJSON(w, http.StatusCreated, v)
@@ -261,7 +262,7 @@ func (h *handler) resizeVolume(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if v.Size != old.Size {
-		h.log.Info("api: volume resized", "volume", name, "old_size", old.Size, "size", v.Size)
+		h.log.Debug("api: volume resized", "volume", name, "old_size", old.Size, "size", v.Size)
 	}
 	writeJSON(w, http.StatusOK, v)
 }
@@ -285,7 +286,7 @@ func (h *handler) deleteVolume(w http.ResponseWriter, r *http.Request) {
 		h.writeError(w, r, err)
 		return
 	}
-	h.log.Info("api: volume deleted", "volume", name, "force", force)
+	h.log.Debug("api: volume deleted", "volume", name, "force", force)
 	w.WriteHeader(http.StatusNoContent)
 }
 
@@ -314,7 +315,7 @@ func (h *handler) setCHAP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// Never log the secrets.
-	h.log.Info("api: volume chap set", "volume", name, "user", req.User, "mutual", req.MutualUser != "")
+	h.log.Debug("api: volume chap set", "volume", name, "user", req.User, "mutual", req.MutualUser != "")
 	w.WriteHeader(http.StatusNoContent)
 }
 
