@@ -171,11 +171,22 @@ func Open(fs vfs.FS, dir string, opts Options) (*Journal, error) {
 		j.log = slog.New(slog.DiscardHandler)
 	}
 	j.log = j.log.With("journal", dir)
+	// Make the directory durable: fsync the parent of every directory this
+	// creates, and the parent of dir itself (a crashed Open may have made it).
+	created := []string{dir}
+	for d := fs.PathDir(dir); d != fs.PathDir(d) && len(created) < 64; d = fs.PathDir(d) {
+		if _, err := fs.Stat(d); err == nil {
+			break
+		}
+		created = append(created, d)
+	}
 	if err := fs.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("journal: create %s: %w", dir, err)
 	}
-	if err := syncDir(fs, fs.PathDir(dir)); err != nil {
-		return nil, err
+	for _, d := range created {
+		if err := syncDir(fs, fs.PathDir(d)); err != nil {
+			return nil, err
+		}
 	}
 	lock, err := fs.Lock(fs.PathJoin(dir, lockName))
 	if err != nil {
