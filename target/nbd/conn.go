@@ -62,6 +62,7 @@ type conn struct {
 // slot carries one request from the reader to a worker and back.
 type slot struct {
 	req request
+	pre uint32 // error value the reader already decided on (writes)
 	buf []byte // hdrRoom bytes of reply header room, then the payload
 	msg [256]byte
 }
@@ -178,9 +179,16 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 			return fmt.Errorf("%w: write payload of %d bytes", ErrProtocol, req.Length)
 		}
 		sl := c.slot()
-		sl.req = req
+		sl.req, sl.pre = req, 0
 		if req.Type == cmdWrite {
-			if _, err := io.ReadFull(br, sl.payload(int(req.Length))); err != nil {
+			// Judge the write before taking its payload: a refused
+			// payload is skipped, not buffered.
+			if sl.pre = c.check(&sl.req, cmdFlagFUA, classWrite, true); sl.pre != 0 {
+				_, err = br.Discard(int(req.Length))
+			} else {
+				_, err = io.ReadFull(br, sl.payload(int(req.Length)))
+			}
+			if err != nil {
 				c.free <- sl
 				return err
 			}
@@ -239,8 +247,8 @@ func (c *conn) handle(sl *slot) {
 	case cmdRead:
 		c.read(sl)
 	case cmdWrite:
-		if e := c.check(r, cmdFlagFUA, classWrite, true); e != 0 {
-			c.replyErr(sl, e, nil)
+		if sl.pre != 0 {
+			c.replyErr(sl, sl.pre, nil)
 			return
 		}
 		err := s.dev.WriteAt(background, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), r.Flags&cmdFlagFUA != 0)
