@@ -357,6 +357,9 @@ func (m *Manager) apiVolume(v *vol) api.Volume {
 		Replicas: r.Replicas, Created: r.Created, Connections: int(v.attached.Load()),
 		IQN: api.IQN(r.Name),
 	}
+	if _, ok, _ := m.CHAP(context.Background(), r.Name); ok {
+		out.CHAP = true
+	}
 	for _, p := range v.partitions() {
 		out.Allocated += p.Stats().Allocated
 	}
@@ -510,7 +513,7 @@ func (m *Manager) DeleteVolume(ctx context.Context, name string, force bool) err
 			m.removeAll(filepath.Join(m.cfg.Dir, "journal", n))
 		}
 	}
-	errs = append(errs, m.meta.DeleteRecord("vol", name))
+	errs = append(errs, m.meta.DeleteRecord("vol", name), m.meta.DeleteRecord("chap", name), m.meta.DeleteRecord("pr", name))
 	errs = append(errs, m.meta.Sync())
 	delete(m.mu.vols, name)
 	m.met.dropVolume(name)
