@@ -8,6 +8,7 @@
 //	volume resize NAME --size SIZE|+DELTA     grow only
 //	volume delete NAME [--force]              --force: even while connected
 //	volume chap NAME --user U --secret S [--mutual-user U --mutual-secret S] | --disable
+//	                 (--secret-file F, --mutual-secret-file F read a secret from a file)
 //	status
 //
 // Rules:
@@ -468,7 +469,16 @@ printable characters; they are sent to the server and never printed.`,
 	f.StringVar(&req.MutualUser, "mutual-user", "", "user name the target answers with (mutual CHAP)")
 	f.StringVar(&req.MutualSecret, "mutual-secret", "", "secret the target answers with (mutual CHAP)")
 	f.BoolVar(&disable, "disable", false, "turn CHAP off")
+	var secretFile, mutualSecretFile string
+	f.StringVar(&secretFile, "secret-file", "", "read --secret from the first line of this file (keeps it out of ps and shell history)")
+	f.StringVar(&mutualSecretFile, "mutual-secret-file", "", "read --mutual-secret from the first line of this file")
 	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if err := readSecret(&req.Secret, "secret", secretFile); err != nil {
+			return err
+		}
+		if err := readSecret(&req.MutualSecret, "mutual-secret", mutualSecretFile); err != nil {
+			return err
+		}
 		switch {
 		case disable && (req.User != "" || req.Secret != "" || req.MutualUser != "" || req.MutualSecret != ""):
 			return usagef("--disable takes no credentials")
@@ -504,6 +514,27 @@ printable characters; they are sent to the server and never printed.`,
 		})(cmd, args)
 	}
 	return cmd
+}
+
+// readSecret sets *secret from the first line of file, if file is set; the
+// flag --NAME and --NAME-file exclude each other.
+func readSecret(secret *string, name, file string) error {
+	if file == "" {
+		return nil
+	}
+	if *secret != "" {
+		return usagef("give --%s or --%s-file, not both", name, name)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return usagef("--%s-file: %v", name, err)
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	*secret = strings.TrimRight(line, "\r")
+	if *secret == "" {
+		return usagef("--%s-file %s: first line is empty", name, file)
+	}
+	return nil
 }
 
 func (a *app) statusCommand() *cobra.Command {

@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -175,6 +177,10 @@ func TestErrors(t *testing.T) {
 		{"bad-timeout", []string{"--timeout", "0s", "status"}, 2, `storctl: status: invalid --timeout 0s: want more than 0`},
 		{"resize-no-size", []string{"volume", "resize", "vol0"}, 2, `storctl: volume resize: missing --size (e.g. --size 20G or --size +5G)`},
 		{"chap-no-secret", []string{"volume", "chap", "vol0", "--user", "u"}, 2, `storctl: volume chap: want --user and --secret (or --disable)`},
+		{"chap-secret-twice", []string{"volume", "chap", "vol0", "--user", "u", "--secret", "x", "--secret-file", "/nonexistent"}, 2,
+			`storctl: volume chap: give --secret or --secret-file, not both`},
+		{"chap-secret-file-missing", []string{"volume", "chap", "vol0", "--user", "u", "--secret-file", "/nonexistent/s"}, 2,
+			`storctl: volume chap: --secret-file: open /nonexistent/s: no such file or directory`},
 		{"chap-half-mutual", []string{"volume", "chap", "vol0", "--user", "u", "--secret", "0123456789abcdef", "--mutual-user", "t"}, 2,
 			`storctl: volume chap: want both --mutual-user and --mutual-secret, or neither`},
 
@@ -217,6 +223,21 @@ func checkLine(t *testing.T, stderr, want string) {
 		}
 	} else if got != want {
 		t.Errorf("stderr\n got %q\nwant %q", got, want)
+	}
+}
+
+func TestCHAPSecretFile(t *testing.T) {
+	e := newEnv(t)
+	dir := t.TempDir()
+	sf, mf := filepath.Join(dir, "s"), filepath.Join(dir, "m")
+	os.WriteFile(sf, []byte("0123456789abcdef\r\nignored\n"), 0o600)
+	os.WriteFile(mf, []byte("fedcba9876543210"), 0o600)
+	code, out, errs := e.storctl(t, "volume", "chap", "vol0", "--user", "u", "--secret-file", sf, "--mutual-user", "t", "--mutual-secret-file", mf)
+	if code != 0 || strings.Contains(out, "0123456789abcdef") {
+		t.Fatalf("exit %d, stdout %q, stderr %q", code, out, errs)
+	}
+	if c, _ := e.vols.CHAP("vol0"); c.Secret != "0123456789abcdef" || c.MutualSecret != "fedcba9876543210" {
+		t.Errorf("chap = %+v", c)
 	}
 }
 
