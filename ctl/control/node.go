@@ -1,0 +1,525 @@
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/ctl/cluster"
+)
+
+// Raft wiring.
+//
+// A Node is one voter (or would-be voter) of the control plane's Raft group:
+// hashicorp/raft with raft-boltdb/v2 as log and stable store and file
+// snapshots, whose FSM is the cluster map. Layout of NodeConfig.Dir:
+//
+//	Dir/raft.db      bolt: raft log and stable store (term, vote)
+//	Dir/snapshots/   raft file snapshots (JSON of cluster.Map), 2 kept
+//
+// Rules:
+//   - Only the leader proposes. Propose on a follower returns a
+//     *NotLeaderError (errors.Is ErrNotLeader) naming the leader's id, raft
+//     address and, when the leader is a registered node, its API address.
+//   - The proposer sets Command.Now from its clock when the caller left it
+//     zero: Apply on the voters never reads a clock.
+//   - The leader proposes a Tick every TickInterval, with Since = the time it
+//     became leader, so a new leader gives every node a full lease.
+//   - Read gives the local, possibly stale, map; ConsistentRead first makes
+//     sure this node is the leader and has applied everything committed
+//     before the call (a raft barrier).
+//   - Close stops the ticker, shuts raft down and closes the stores; every
+//     goroutine the Node started has returned when Close does.
+
+// Errors of the Raft layer.
+var (
+	ErrNotLeader      = errors.New("control: not the leader")
+	ErrLeadershipLost = errors.New("control: leadership lost; the command may or may not have been applied")
+	ErrNoLeader       = errors.New("control: no leader")
+	ErrClosed         = errors.New("control: node closed")
+)
+
+// NotLeaderError answers a write sent to a follower. Leader fields are empty
+// when no leader is known.
+type NotLeaderError struct {
+	ID   api.NodeID // the leader's node id
+	Raft string     // the leader's raft address
+	API  string     // the leader's API address, if it is a registered node
+}
+
+func (e *NotLeaderError) Error() string {
+	if e.ID == "" {
+		return "control: not the leader, and no leader is known"
+	}
+	return fmt.Sprintf("control: not the leader; leader is %s (api %q, raft %s)", e.ID, e.API, e.Raft)
+}
+
+// Is makes errors.Is(err, ErrNotLeader) hold, and ErrNoLeader when no
+// leader is known.
+func (e *NotLeaderError) Is(target error) bool {
+	return target == ErrNotLeader || (target == ErrNoLeader && e.ID == "")
+}
+
+// NodeConfig configures NewNode. Zero durations take the defaults noted.
+type NodeConfig struct {
+	ID        api.NodeID   // required; the raft server id
+	Dir       string       // required; raft.db and snapshots/ live here
+	RaftAddr  string       // host:port to listen on and advertise (TCP transport)
+	Bootstrap bool         // form a new one-voter cluster if Dir holds no raft state
+	Logger    *slog.Logger // nil: slog.Default()
+
+	// NoSync skips fsync of the raft log: for tests only (a crash may then
+	// lose committed entries on this voter).
+	NoSync bool
+
+	// Transport replaces the TCP transport (tests: raft.NewInmemTransport).
+	// The Node closes it on Close.
+	Transport raft.Transport
+
+	HeartbeatTimeout   time.Duration    // 500ms
+	ElectionTimeout    time.Duration    // 500ms
+	LeaderLeaseTimeout time.Duration    // HeartbeatTimeout/2
+	CommitTimeout      time.Duration    // 10ms
+	SnapshotThreshold  uint64           // entries between snapshots; 1024
+	ApplyTimeout       time.Duration    // bound on one Propose when ctx has no deadline; 10s
+	TickInterval       time.Duration    // leader's Tick period; 1s; negative: never
+	Now                func() time.Time // the proposer's clock; nil: time.Now
+}
+
+// Node is one member of the control plane's Raft group. Its methods are safe
+// for concurrent use.
+type Node struct {
+	cfg    NodeConfig
+	log    *slog.Logger
+	fsm    *fsm
+	raft   *raft.Raft
+	trans  raft.Transport
+	store  *raftboltdb.BoltStore
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // the ticker
+	waits  sync.WaitGroup // goroutines waiting on raft futures; end at raft shutdown
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewNode opens (or creates) the raft state in cfg.Dir and starts the node.
+// With Bootstrap and no existing state it forms a one-voter cluster and
+// becomes its leader; otherwise it waits to be joined or to hear from its
+// peers.
+func NewNode(cfg NodeConfig) (*Node, error) {
+	if cfg.ID == "" || cfg.Dir == "" {
+		return nil, fmt.Errorf("control: node needs an id and a directory")
+	}
+	if cfg.Transport == nil && cfg.RaftAddr == "" {
+		return nil, fmt.Errorf("control: node %s needs a raft address", cfg.ID)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.HeartbeatTimeout == 0 {
+		cfg.HeartbeatTimeout = 500 * time.Millisecond
+	}
+	if cfg.ElectionTimeout == 0 {
+		cfg.ElectionTimeout = 500 * time.Millisecond
+	}
+	if cfg.LeaderLeaseTimeout == 0 {
+		cfg.LeaderLeaseTimeout = cfg.HeartbeatTimeout / 2
+	}
+	if cfg.CommitTimeout == 0 {
+		cfg.CommitTimeout = 10 * time.Millisecond
+	}
+	if cfg.SnapshotThreshold == 0 {
+		cfg.SnapshotThreshold = 1024
+	}
+	if cfg.ApplyTimeout == 0 {
+		cfg.ApplyTimeout = 10 * time.Second
+	}
+	if cfg.TickInterval == 0 {
+		cfg.TickInterval = time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	log := cfg.Logger.With("node", string(cfg.ID))
+	rlog := &raftLogWriter{log: log}
+
+	if err := os.MkdirAll(cfg.Dir, 0o755); err != nil {
+		return nil, fmt.Errorf("control: %w", err)
+	}
+	store, err := raftboltdb.New(raftboltdb.Options{Path: filepath.Join(cfg.Dir, "raft.db"), NoSync: cfg.NoSync})
+	if err != nil {
+		return nil, fmt.Errorf("control: open raft log %s: %w", cfg.Dir, err)
+	}
+	snaps, err := raft.NewFileSnapshotStore(filepath.Join(cfg.Dir, "snapshots"), 2, rlog)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("control: open snapshots: %w", err)
+	}
+	trans := cfg.Transport
+	if trans == nil {
+		adv, err := net.ResolveTCPAddr("tcp", cfg.RaftAddr)
+		if err != nil {
+			store.Close()
+			return nil, fmt.Errorf("control: raft address %q: %w", cfg.RaftAddr, err)
+		}
+		t, err := raft.NewTCPTransport(cfg.RaftAddr, adv, 3, 5*time.Second, rlog)
+		if err != nil {
+			store.Close()
+			return nil, fmt.Errorf("control: raft listen %s: %w", cfg.RaftAddr, err)
+		}
+		trans = t
+	}
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.HeartbeatTimeout = cfg.HeartbeatTimeout
+	rc.ElectionTimeout = cfg.ElectionTimeout
+	rc.LeaderLeaseTimeout = cfg.LeaderLeaseTimeout
+	rc.CommitTimeout = cfg.CommitTimeout
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.LogOutput = rlog
+	rc.LogLevel = "INFO"
+
+	closeAll := func() {
+		trans.(interface{ Close() error }).Close()
+		store.Close()
+	}
+	f := newFSM()
+	if cfg.Bootstrap {
+		existing, err := raft.HasExistingState(store, store, snaps)
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("control: %w", err)
+		}
+		if !existing {
+			boot := raft.Configuration{Servers: []raft.Server{{Suffrage: raft.Voter, ID: rc.LocalID, Address: trans.LocalAddr()}}}
+			if err := raft.BootstrapCluster(rc, store, store, snaps, trans, boot); err != nil {
+				closeAll()
+				return nil, fmt.Errorf("control: bootstrap: %w", err)
+			}
+		}
+	}
+	r, err := raft.NewRaft(rc, f, store, store, snaps, trans)
+	if err != nil {
+		closeAll()
+		return nil, fmt.Errorf("control: start raft: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	n := &Node{cfg: cfg, log: log, fsm: f, raft: r, trans: trans, store: store, cancel: cancel}
+	if cfg.TickInterval > 0 {
+		n.wg.Add(1)
+		go n.ticker(ctx)
+	}
+	return n, nil
+}
+
+// Close stops the node. It is safe to call more than once.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.cancel()
+		n.wg.Wait()
+		err := n.raft.Shutdown().Error()
+		n.waits.Wait()
+		if c, ok := n.trans.(interface{ Close() error }); ok {
+			if cerr := c.Close(); err == nil {
+				err = cerr
+			}
+		}
+		if cerr := n.store.Close(); err == nil {
+			err = cerr
+		}
+		n.closeErr = err
+	})
+	return n.closeErr
+}
+
+// ID is the node's id.
+func (n *Node) ID() api.NodeID { return n.cfg.ID }
+
+// RaftAddr is the address peers reach this node's raft transport at.
+func (n *Node) RaftAddr() string { return string(n.trans.LocalAddr()) }
+
+// IsLeader reports whether this node is the leader now.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's id and raft address, both empty if unknown.
+func (n *Node) Leader() (api.NodeID, string) {
+	addr, id := n.raft.LeaderWithID()
+	return api.NodeID(id), string(addr)
+}
+
+// notLeader builds the error a follower answers with.
+func (n *Node) notLeader() *NotLeaderError {
+	id, addr := n.Leader()
+	e := &NotLeaderError{ID: id, Raft: addr}
+	if id != "" {
+		n.fsm.read(func(m *cluster.Map) {
+			if nd, ok := m.Nodes[id]; ok {
+				e.API = nd.Addr.API
+			}
+		})
+	}
+	return e
+}
+
+func (n *Node) timeout(ctx context.Context) time.Duration {
+	t := n.cfg.ApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		if left := time.Until(d); left < t {
+			t = max(left, time.Millisecond)
+		}
+	}
+	return t
+}
+
+// wait waits for a raft future, or for ctx. The goroutine it may leave
+// behind returns when raft resolves the future, at the latest on Shutdown.
+func (n *Node) wait(ctx context.Context, f raft.Future) error {
+	if ctx.Done() == nil {
+		return f.Error()
+	}
+	done := make(chan error, 1)
+	n.waits.Add(1)
+	go func() {
+		defer n.waits.Done()
+		done <- f.Error()
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// raftError maps raft's errors to this package's.
+func (n *Node) raftError(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, raft.ErrNotLeader):
+		return n.notLeader()
+	case errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		return fmt.Errorf("%w (%v)", ErrLeadershipLost, err)
+	case errors.Is(err, raft.ErrRaftShutdown):
+		return ErrClosed
+	case errors.Is(err, raft.ErrEnqueueTimeout):
+		return fmt.Errorf("control: raft busy: %w", err)
+	}
+	return fmt.Errorf("control: raft: %w", err)
+}
+
+// Propose replicates c through raft and returns the result of applying it.
+// Only the leader proposes; a follower returns a *NotLeaderError. A zero
+// c.Now is set from the node's clock. The error of a refused command wraps
+// the api sentinel cluster.Map.Apply gave.
+func (n *Node) Propose(ctx context.Context, c cluster.Command) (cluster.Result, error) {
+	if c.Now.IsZero() {
+		c.Now = n.cfg.Now().UTC()
+	}
+	if n.raft.State() != raft.Leader {
+		return cluster.Result{}, n.notLeader()
+	}
+	b, err := c.Encode()
+	if err != nil {
+		return cluster.Result{}, fmt.Errorf("%w: encode command: %v", api.ErrInvalid, err)
+	}
+	f := n.raft.Apply(b, n.timeout(ctx))
+	if err := n.wait(ctx, f); err != nil {
+		return cluster.Result{}, n.raftError(err)
+	}
+	resp, ok := f.Response().(fsmResponse)
+	if !ok {
+		return cluster.Result{}, fmt.Errorf("%w: unexpected fsm response %T", api.ErrInternal, f.Response())
+	}
+	return resp.res, resp.err
+}
+
+// Read runs fn on this node's copy of the map, which may lag the leader's.
+// fn must not keep or change the map.
+func (n *Node) Read(fn func(*cluster.Map)) { n.fsm.read(fn) }
+
+// Barrier returns once this node is the leader and has applied every entry
+// committed before the call.
+func (n *Node) Barrier(ctx context.Context) error {
+	if n.raft.State() != raft.Leader {
+		return n.notLeader()
+	}
+	return n.raftError(n.wait(ctx, n.raft.Barrier(n.timeout(ctx))))
+}
+
+// ConsistentRead is Barrier then Read: fn sees every write committed before
+// the call. On a follower it returns a *NotLeaderError.
+func (n *Node) ConsistentRead(ctx context.Context, fn func(*cluster.Map)) error {
+	if err := n.Barrier(ctx); err != nil {
+		return err
+	}
+	n.Read(fn)
+	return nil
+}
+
+// Voter is one server of the raft configuration.
+type Voter struct {
+	ID       api.NodeID `json:"id"`
+	Raft     string     `json:"raft"`
+	Suffrage string     `json:"suffrage"` // Voter, Nonvoter, Staging
+	Leader   bool       `json:"leader"`
+}
+
+// Voters lists the servers of the latest raft configuration, by id.
+func (n *Node) Voters() ([]Voter, error) {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, n.raftError(err)
+	}
+	lid, _ := n.Leader()
+	var out []Voter
+	for _, s := range f.Configuration().Servers {
+		out = append(out, Voter{ID: api.NodeID(s.ID), Raft: string(s.Address), Suffrage: s.Suffrage.String(), Leader: api.NodeID(s.ID) == lid})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out, nil
+}
+
+// Join adds node id at raftAddr as a voter. Only the leader joins; a
+// follower returns a *NotLeaderError. Joining a voter again at the same
+// address is a no-op; the same id at another address, another id at the
+// same address, or an address other than the one the node registered in
+// the map are refused (api.ErrInUse / api.ErrInvalid).
+func (n *Node) Join(ctx context.Context, id api.NodeID, raftAddr string) error {
+	if id == "" || raftAddr == "" {
+		return fmt.Errorf("%w: join needs a node id and a raft address", api.ErrInvalid)
+	}
+	if _, _, err := net.SplitHostPort(raftAddr); err != nil {
+		return fmt.Errorf("%w: raft address %q: want host:port", api.ErrInvalid, raftAddr)
+	}
+	if n.raft.State() != raft.Leader {
+		return n.notLeader()
+	}
+	voters, err := n.Voters()
+	if err != nil {
+		return err
+	}
+	for _, v := range voters {
+		switch {
+		case v.ID == id && v.Raft == raftAddr && v.Suffrage == raft.Voter.String():
+			return nil
+		case v.ID == id && v.Raft != raftAddr:
+			return fmt.Errorf("%w: node %s is a voter at raft address %s, not %s (remove it first)", api.ErrInUse, id, v.Raft, raftAddr)
+		case v.ID != id && v.Raft == raftAddr:
+			return fmt.Errorf("%w: raft address %s belongs to voter %s", api.ErrInUse, raftAddr, v.ID)
+		}
+	}
+	var registered string
+	n.Read(func(m *cluster.Map) {
+		if nd, ok := m.Nodes[id]; ok {
+			registered = nd.Addr.Raft
+		}
+	})
+	if registered != "" && registered != raftAddr {
+		return fmt.Errorf("%w: node %s registered raft address %s, not %s", api.ErrInvalid, id, registered, raftAddr)
+	}
+	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, n.timeout(ctx))
+	if err := n.wait(ctx, f); err != nil {
+		return n.raftError(err)
+	}
+	n.log.Info("control: voter joined", "voter", string(id), "raft", raftAddr)
+	return nil
+}
+
+// Leave removes node id from the raft configuration (leader only).
+// Removing a server that is not there is a no-op.
+func (n *Node) Leave(ctx context.Context, id api.NodeID) error {
+	if n.raft.State() != raft.Leader {
+		return n.notLeader()
+	}
+	voters, err := n.Voters()
+	if err != nil {
+		return err
+	}
+	found := false
+	for _, v := range voters {
+		found = found || v.ID == id
+	}
+	if !found {
+		return nil
+	}
+	if err := n.wait(ctx, n.raft.RemoveServer(raft.ServerID(id), 0, n.timeout(ctx))); err != nil {
+		return n.raftError(err)
+	}
+	n.log.Info("control: voter removed", "voter", string(id))
+	return nil
+}
+
+// Stats is a summary of the node's raft state.
+type Stats struct {
+	ID           api.NodeID `json:"id"`
+	State        string     `json:"state"` // Leader, Follower, Candidate, Shutdown
+	Leader       api.NodeID `json:"leader"`
+	LeaderRaft   string     `json:"leader_raft,omitempty"`
+	Term         uint64     `json:"term"`
+	CommitIndex  uint64     `json:"commit_index"`
+	AppliedIndex uint64     `json:"applied_index"`
+	LastIndex    uint64     `json:"last_index"`
+	LastContact  string     `json:"last_contact,omitempty"` // follower: time since the leader was heard
+	Voters       []Voter    `json:"voters"`
+}
+
+// Stats reports the node's raft state.
+func (n *Node) Stats() Stats {
+	s := n.raft.Stats()
+	u := func(k string) uint64 { v, _ := strconv.ParseUint(s[k], 10, 64); return v }
+	id, addr := n.Leader()
+	st := Stats{
+		ID: n.cfg.ID, State: n.raft.State().String(), Leader: id, LeaderRaft: addr,
+		Term: u("term"), CommitIndex: u("commit_index"), AppliedIndex: n.raft.AppliedIndex(),
+		LastIndex: u("last_log_index"), LastContact: s["last_contact"],
+	}
+	st.Voters, _ = n.Voters()
+	return st
+}
+
+// ticker proposes a Tick every TickInterval while this node leads.
+func (n *Node) ticker(ctx context.Context) {
+	defer n.wg.Done()
+	t := time.NewTicker(n.cfg.TickInterval)
+	defer t.Stop()
+	var since time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if n.raft.State() != raft.Leader {
+			since = time.Time{}
+			continue
+		}
+		now := n.cfg.Now().UTC()
+		if since.IsZero() {
+			since = now
+		}
+		tctx, cancel := context.WithTimeout(ctx, n.cfg.TickInterval)
+		res, err := n.Propose(tctx, cluster.Command{Op: cluster.OpTick, Now: now, Since: since})
+		cancel()
+		switch {
+		case err != nil:
+			n.log.Debug("control: tick", "err", err)
+		case len(res.Dead) > 0:
+			n.log.Warn("control: nodes declared dead", "nodes", res.Dead, "work", len(res.Work))
+		}
+	}
+}

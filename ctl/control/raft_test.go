@@ -1,0 +1,572 @@
+package control
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sort"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/ctl/cluster"
+)
+
+// Raft timings for tests: short, but long enough that a shared 2-core
+// machine under -race does not hold spurious elections.
+const (
+	testHeartbeat = 100 * time.Millisecond
+	testElection  = 100 * time.Millisecond
+	testLease     = 100 * time.Millisecond
+)
+
+// raftCluster runs control nodes in one process over raft's in-memory
+// transport. Killing a node disconnects its transport both ways and closes
+// it; its directory stays for a restart.
+type raftCluster struct {
+	t     *testing.T
+	base  string
+	nodes map[api.NodeID]*Node
+	trans map[api.NodeID]*raft.InmemTransport
+	tick  time.Duration
+}
+
+func testLogger() *slog.Logger {
+	if os.Getenv("STOR_TEST_RAFT_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
+
+func raftAddrOf(id api.NodeID) string {
+	n, _ := strconv.Atoi(string(id[1:]))
+	return fmt.Sprintf("127.0.0.%d:7482", 10+n)
+}
+
+func newRaftCluster(t *testing.T) *raftCluster {
+	c := &raftCluster{t: t, base: t.TempDir(), nodes: map[api.NodeID]*Node{}, trans: map[api.NodeID]*raft.InmemTransport{}, tick: -1}
+	t.Cleanup(func() {
+		for _, id := range c.running() {
+			c.nodes[id].Close()
+		}
+	})
+	return c
+}
+
+// start starts node id from its directory.
+func (c *raftCluster) start(id api.NodeID, bootstrap bool) *Node {
+	c.t.Helper()
+	addr := raft.ServerAddress(raftAddrOf(id))
+	_, tr := raft.NewInmemTransport(addr)
+	for oid, ot := range c.trans {
+		tr.Connect(raft.ServerAddress(raftAddrOf(oid)), ot)
+		ot.Connect(addr, tr)
+	}
+	n, err := NewNode(NodeConfig{
+		ID: id, Dir: filepath.Join(c.base, string(id)), Transport: tr, Bootstrap: bootstrap,
+		Logger: testLogger(), HeartbeatTimeout: testHeartbeat, ElectionTimeout: testElection,
+		LeaderLeaseTimeout: testLease, CommitTimeout: 5 * time.Millisecond, TickInterval: c.tick,
+		ApplyTimeout: 5 * time.Second, NoSync: true,
+	})
+	if err != nil {
+		c.t.Fatalf("start %s: %v", id, err)
+	}
+	c.nodes[id] = n
+	c.trans[id] = tr
+	return n
+}
+
+// cut disconnects id's transport from every other, both ways.
+func (c *raftCluster) cut(id api.NodeID) {
+	addr := raft.ServerAddress(raftAddrOf(id))
+	c.trans[id].DisconnectAll()
+	for oid, ot := range c.trans {
+		if oid != id {
+			ot.Disconnect(addr)
+		}
+	}
+}
+
+// heal reconnects id to every running node.
+func (c *raftCluster) heal(id api.NodeID) {
+	addr := raft.ServerAddress(raftAddrOf(id))
+	for oid, ot := range c.trans {
+		if oid != id {
+			ot.Connect(addr, c.trans[id])
+			c.trans[id].Connect(raft.ServerAddress(raftAddrOf(oid)), ot)
+		}
+	}
+}
+
+func (c *raftCluster) kill(id api.NodeID) {
+	c.t.Helper()
+	c.cut(id)
+	if err := c.nodes[id].Close(); err != nil {
+		c.t.Fatalf("close %s: %v", id, err)
+	}
+	delete(c.nodes, id)
+	delete(c.trans, id)
+}
+
+func (c *raftCluster) running() []api.NodeID {
+	var ids []api.NodeID
+	for id := range c.nodes {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
+}
+
+// form bootstraps n1, joins n2..nN and registers them all in the map.
+func (c *raftCluster) form(n int) *Node {
+	c.t.Helper()
+	c.start("n1", true)
+	leader := c.waitLeader(c.running(), 5*time.Second)
+	for i := 2; i <= n; i++ {
+		id := api.NodeID(fmt.Sprintf("n%d", i))
+		c.start(id, false)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := leader.Join(context.Background(), id, raftAddrOf(id))
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) || !(errors.Is(err, ErrLeadershipLost) || errors.Is(err, ErrNotLeader)) {
+				c.t.Fatalf("join %s: %v", id, err)
+			}
+			leader = c.waitLeader(c.running(), 5*time.Second)
+		}
+	}
+	for i := 1; i <= n; i++ {
+		propose(c.t, leader, registerCmd(api.NodeID(fmt.Sprintf("n%d", i))))
+	}
+	return leader
+}
+
+// waitLeader polls until one of ids leads and has committed a barrier.
+func (c *raftCluster) waitLeader(ids []api.NodeID, limit time.Duration) *Node {
+	c.t.Helper()
+	deadline := time.Now().Add(limit)
+	for time.Now().Before(deadline) {
+		for _, id := range ids {
+			n := c.nodes[id]
+			if n == nil || !n.IsLeader() {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+			err := n.Barrier(ctx)
+			cancel()
+			if err == nil {
+				return n
+			}
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	c.t.Fatalf("no leader among %v within %v", ids, limit)
+	return nil
+}
+
+func propose(t *testing.T, n *Node, cmd cluster.Command) cluster.Result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	r, err := n.Propose(ctx, cmd)
+	if err != nil {
+		t.Fatalf("propose %s on %s: %v", cmd.Op, n.ID(), err)
+	}
+	return r
+}
+
+func registerCmd(id api.NodeID) cluster.Command {
+	n, _ := strconv.Atoi(string(id[1:]))
+	return cluster.Command{Op: cluster.OpRegister, Node: id, Spec: &cluster.NodeSpec{Addr: cluster.Addresses{
+		API: fmt.Sprintf("127.0.0.%d:7480", 10+n), Raft: raftAddrOf(id),
+	}}}
+}
+
+func volumeCmd(name string) cluster.Command {
+	return cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{Name: name, Size: 1 << 20, PartitionSize: 1 << 20, Replicas: 1}}
+}
+
+func volumeNames(n *Node) []string {
+	var out []string
+	n.Read(func(m *cluster.Map) {
+		for _, v := range m.VolumeList() {
+			out = append(out, v.Name)
+		}
+	})
+	return out
+}
+
+// waitConverged polls until every running node has applied the leader's
+// commit index, then checks that every node holds the same map.
+func (c *raftCluster) waitConverged(leader *Node) {
+	c.t.Helper()
+	// A follower learns a commit index from the next append: barriers
+	// nudge it when no write follows.
+	want := leader.Stats().CommitIndex
+	deadline := time.Now().Add(15 * time.Second)
+	for _, id := range c.running() {
+		for i := 0; c.nodes[id].raft.AppliedIndex() < want; i++ {
+			if time.Now().After(deadline) {
+				c.t.Fatalf("%s applied %d, leader committed %d", id, c.nodes[id].raft.AppliedIndex(), want)
+			}
+			if i%50 == 49 {
+				leader.Barrier(context.Background())
+			}
+			time.Sleep(2 * time.Millisecond)
+		}
+	}
+	// raft counts an entry applied when it hands it to the FSM goroutine:
+	// poll the maps themselves.
+	for {
+		var ref []byte
+		same := true
+		for _, id := range c.running() {
+			var b []byte
+			c.nodes[id].Read(func(m *cluster.Map) { b, _ = m.Marshal() })
+			if ref == nil {
+				ref = b
+			} else if string(b) != string(ref) {
+				same = false
+			}
+		}
+		if same {
+			return
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("maps of %v differ", c.running())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestRaftSingleNode(t *testing.T) {
+	c := newRaftCluster(t)
+	n := c.form(1)
+	n.Read(func(m *cluster.Map) {
+		if nd, ok := m.Node("n1"); !ok || nd.Registered.IsZero() {
+			t.Errorf("register: %+v (the proposer sets the time)", nd)
+		}
+	})
+	// The map's refusal comes back as the error, with its api sentinel.
+	_, err := n.Propose(context.Background(), registerCmd("n1"))
+	if !errors.Is(err, api.ErrExists) {
+		t.Fatalf("double registration: %v", err)
+	}
+	propose(t, n, volumeCmd("a"))
+	st := n.Stats()
+	if st.State != "Leader" || st.Leader != "n1" || st.Term == 0 || st.CommitIndex == 0 || len(st.Voters) != 1 || !st.Voters[0].Leader {
+		t.Fatalf("stats %+v", st)
+	}
+	if err := n.ConsistentRead(context.Background(), func(m *cluster.Map) {
+		if _, ok := m.Volume("a"); !ok {
+			t.Error("volume a missing")
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	// Snapshot, write more, restart: snapshot + log tail restore it all.
+	if err := n.raft.Snapshot().Error(); err != nil {
+		t.Fatal(err)
+	}
+	propose(t, n, volumeCmd("b"))
+	c.kill("n1")
+	n = c.start("n1", true) // Bootstrap on existing state is a no-op
+	n = c.waitLeader([]api.NodeID{"n1"}, 5*time.Second)
+	if got := volumeNames(n); !slices.Equal(got, []string{"a", "b"}) {
+		t.Fatalf("after restart: %v", got)
+	}
+}
+
+func TestRaftFollowerAnswersWithLeader(t *testing.T) {
+	c := newRaftCluster(t)
+	leader := c.form(3)
+	c.waitConverged(leader)
+	var follower *Node
+	for _, id := range c.running() {
+		if id != leader.ID() {
+			follower = c.nodes[id]
+			break
+		}
+	}
+	_, err := follower.Propose(context.Background(), volumeCmd("x"))
+	var nl *NotLeaderError
+	if !errors.As(err, &nl) || !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("follower propose: %v", err)
+	}
+	lid := leader.ID()
+	if nl.ID != lid || nl.Raft != raftAddrOf(lid) || nl.API == "" {
+		t.Fatalf("not-leader error %+v, leader %s", nl, lid)
+	}
+	if err := follower.Join(context.Background(), "n9", "127.0.0.1:1"); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("follower join: %v", err)
+	}
+	if err := follower.Barrier(context.Background()); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("follower barrier: %v", err)
+	}
+}
+
+func TestRaftJoinChecks(t *testing.T) {
+	c := newRaftCluster(t)
+	leader := c.form(2)
+	ctx := context.Background()
+	if err := leader.Join(ctx, "n2", raftAddrOf("n2")); err != nil {
+		t.Fatalf("repeated join: %v", err)
+	}
+	if err := leader.Join(ctx, "n2", "127.0.0.99:7482"); !errors.Is(err, api.ErrInUse) {
+		t.Fatalf("same id, other address: %v", err)
+	}
+	if err := leader.Join(ctx, "n7", raftAddrOf("n2")); !errors.Is(err, api.ErrInUse) {
+		t.Fatalf("other id, same address: %v", err)
+	}
+	if err := leader.Join(ctx, "n7", "nonsense"); !errors.Is(err, api.ErrInvalid) {
+		t.Fatalf("bad address: %v", err)
+	}
+	propose(t, leader, registerCmd("n3"))
+	if err := leader.Join(ctx, "n3", "127.0.0.98:7482"); !errors.Is(err, api.ErrInvalid) {
+		t.Fatalf("join at an address other than the registered one: %v", err)
+	}
+	vs, _ := leader.Voters()
+	if len(vs) != 2 {
+		t.Fatalf("voters changed by refused joins: %+v", vs)
+	}
+	if err := leader.Leave(ctx, "n2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := leader.Leave(ctx, "n2"); err != nil {
+		t.Fatal(err)
+	}
+	if vs, _ := leader.Voters(); len(vs) != 1 {
+		t.Fatalf("after leave: %+v", vs)
+	}
+}
+
+func percentile(d []time.Duration, p float64) time.Duration {
+	s := slices.Clone(d)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[int(p*float64(len(s)-1)+0.5)]
+}
+
+// TestRaftLeaderFailover kills the leader of three voters again and again,
+// measures the time until a new leader commits a write, checks that no
+// committed write is lost, then restarts every voter from its directory.
+func TestRaftLeaderFailover(t *testing.T) {
+	kills := 10
+	if s := os.Getenv("STOR_FAILOVER_KILLS"); s != "" {
+		kills, _ = strconv.Atoi(s)
+	}
+	c := newRaftCluster(t)
+	leader := c.form(3)
+	var committed []string
+	var took []time.Duration
+	for k := 0; k < kills; k++ {
+		for j := 0; j < 3; j++ {
+			name := fmt.Sprintf("v%02d-%d", k, j)
+			propose(t, leader, volumeCmd(name))
+			committed = append(committed, name)
+		}
+		old := leader.ID()
+		start := time.Now()
+		c.kill(old)
+		leader = nil
+		deadline := start.Add(5 * time.Second)
+		name := fmt.Sprintf("after-kill-%02d", k)
+		for leader == nil && time.Now().Before(deadline) {
+			for _, id := range c.running() {
+				n := c.nodes[id]
+				if !n.IsLeader() {
+					continue
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+				_, err := n.Propose(ctx, volumeCmd(name))
+				cancel()
+				if err == nil {
+					leader = n
+					break
+				}
+			}
+			if leader == nil {
+				time.Sleep(time.Millisecond)
+			}
+		}
+		if leader == nil {
+			t.Fatalf("kill %d: no leader served within 5s", k)
+		}
+		took = append(took, time.Since(start))
+		committed = append(committed, name)
+		if err := leader.ConsistentRead(context.Background(), func(m *cluster.Map) {
+			for _, v := range committed {
+				if _, ok := m.Volume(v); !ok {
+					t.Errorf("kill %d: committed volume %s lost", k, v)
+				}
+			}
+		}); err != nil {
+			t.Fatal(err)
+		}
+		c.start(old, false) // rejoins as a follower from its directory
+		c.waitConverged(leader)
+	}
+	med, mx := percentile(took, 0.5), slices.Max(took)
+	t.Logf("leader failover over %d kills (heartbeat %v, election %v): median %v, max %v, all %v",
+		kills, testHeartbeat, testElection, med.Round(time.Millisecond), mx.Round(time.Millisecond), took)
+	if limit := testElection + testHeartbeat*2 + 2*time.Second; mx > limit {
+		t.Errorf("failover took %v, over the election timeout plus margin (%v)", mx, limit)
+	}
+
+	// Restart every voter from its directory: nothing committed is lost.
+	for _, id := range c.running() {
+		c.kill(id)
+	}
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.start(id, false)
+	}
+	leader = c.waitLeader(c.running(), 10*time.Second)
+	c.waitConverged(leader)
+	got := volumeNames(leader)
+	for _, v := range committed {
+		if !slices.Contains(got, v) {
+			t.Fatalf("after full restart, volume %s is lost", v)
+		}
+	}
+}
+
+func TestRaftFiveVotersTwoDown(t *testing.T) {
+	c := newRaftCluster(t)
+	leader := c.form(5)
+	propose(t, leader, volumeCmd("before"))
+	// Take down the leader and one follower.
+	down := []api.NodeID{leader.ID()}
+	for _, id := range c.running() {
+		if id != leader.ID() {
+			down = append(down, id)
+			break
+		}
+	}
+	for _, id := range down {
+		c.kill(id)
+	}
+	leader = c.waitLeader(c.running(), 5*time.Second)
+	propose(t, leader, volumeCmd("after"))
+	c.waitConverged(leader)
+	if got := volumeNames(leader); !slices.Equal(got, []string{"after", "before"}) {
+		t.Fatalf("volumes %v", got)
+	}
+}
+
+// TestRaftPartitionedLeaderCannotCommit cuts the leader off: its writes
+// fail, the majority elects a new leader and commits, and after healing the
+// old leader follows and holds none of its refused writes.
+func TestRaftPartitionedLeaderCannotCommit(t *testing.T) {
+	c := newRaftCluster(t)
+	old := c.form(3)
+	propose(t, old, volumeCmd("before"))
+	c.waitConverged(old)
+	c.cut(old.ID())
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	start := time.Now()
+	_, err := old.Propose(ctx, volumeCmd("lost"))
+	cancel()
+	if err == nil {
+		t.Fatal("a partitioned leader committed a write")
+	}
+	if !errors.Is(err, ErrLeadershipLost) && !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("partitioned propose: %v", err)
+	}
+	t.Logf("partitioned leader gave up after %v: %v", time.Since(start).Round(time.Millisecond), err)
+	var rest []api.NodeID
+	for _, id := range c.running() {
+		if id != old.ID() {
+			rest = append(rest, id)
+		}
+	}
+	leader := c.waitLeader(rest, 5*time.Second)
+	propose(t, leader, volumeCmd("majority"))
+	if _, err := old.Propose(context.Background(), volumeCmd("lost2")); !errors.Is(err, ErrNotLeader) {
+		t.Fatalf("cut-off old leader: %v", err)
+	}
+	c.heal(old.ID())
+	c.waitConverged(leader)
+	if got := volumeNames(old); !slices.Equal(got, []string{"before", "majority"}) {
+		t.Fatalf("old leader after heal: %v", got)
+	}
+}
+
+// TestRaftTickerDeclaresDead runs the leader's ticker with a short lease: a
+// node that never heartbeats is declared dead, one that does stays active.
+func TestRaftTickerDeclaresDead(t *testing.T) {
+	c := newRaftCluster(t)
+	c.tick = 20 * time.Millisecond
+	leader := c.form(1)
+	cfg := cluster.DefaultConfig()
+	cfg.LeaseTimeout = 300 * time.Millisecond
+	cfg.SuspectTimeout = 100 * time.Millisecond
+	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	propose(t, leader, registerCmd("n2"))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		propose(t, leader, cluster.Command{Op: cluster.OpHeartbeat, Node: "n1", Health: 100})
+		var s1, s2 cluster.State
+		leader.Read(func(m *cluster.Map) {
+			a, _ := m.Node("n1")
+			b, _ := m.Node("n2")
+			s1, s2 = a.State, b.State
+		})
+		if s2 == cluster.StateDead {
+			if s1 != cluster.StateActive {
+				t.Fatalf("heartbeating n1 is %s", s1)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("n2 never declared dead: %s", s2)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestFSMSnapshotRestore(t *testing.T) {
+	f := newFSM()
+	cmds := []cluster.Command{registerCmd("n1"), volumeCmd("a"), volumeCmd("a")}
+	for i, c := range cmds {
+		c.Now = time.Date(2026, 1, 1, 0, 0, i, 0, time.UTC)
+		b, _ := c.Encode()
+		f.Apply(&raft.Log{Index: uint64(i + 1), Type: raft.LogCommand, Data: b})
+	}
+	if r := f.Apply(&raft.Log{Index: 4, Type: raft.LogCommand, Data: []byte("junk")}).(fsmResponse); !errors.Is(r.err, api.ErrInvalid) {
+		t.Fatalf("junk entry: %v", r.err)
+	}
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink := &memSink{}
+	if err := snap.Persist(sink); err != nil {
+		t.Fatal(err)
+	}
+	g := newFSM()
+	if err := g.Restore(io.NopCloser(&sink.Buffer)); err != nil {
+		t.Fatal(err)
+	}
+	var a, b []byte
+	f.read(func(m *cluster.Map) { a, _ = m.Marshal() })
+	g.read(func(m *cluster.Map) { b, _ = m.Marshal() })
+	if string(a) != string(b) {
+		t.Fatalf("restore differs:\n%s\n%s", a, b)
+	}
+}
+
+type memSink struct{ bytes.Buffer }
+
+func (s *memSink) Close() error  { return nil }
+func (s *memSink) ID() string    { return "mem" }
+func (s *memSink) Cancel() error { return nil }
