@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Aggregate the fio JSON files of one scripts/bench run into one table.
+
+Usage: report.py RESULTS_DIR ROWS PEERS
+
+RESULTS_DIR holds one file per cell, named ROW.PEER.rROUND.json, as written by
+fio --output-format=json --output=FILE (anything before the first '{' is
+skipped: fio's nbd engine prints "fio: connected to NBD server" on stdout).
+ROWS and PEERS are comma-separated, in the order to print them.
+
+Per cell it takes, from the job's read or write side (the one that moved data):
+
+    iops     read.iops / write.iops
+    MB/s     bw_bytes / 1e6
+    p50 p99  clat_ns percentiles, in µs; for the fsync row the flush's
+             sync.lat_ns percentiles instead (the flush dominates the cycle)
+
+and prints, per row and peer, the median over rounds, with min..max of IOPS.
+Ratios are median stor IOPS / median peer IOPS. The row with the lowest
+stor/nbd-server ratio is written to RESULTS_DIR/worst-row for the profile.
+"""
+
+import json
+import os
+import statistics
+import sys
+
+
+def load(path):
+    with open(path) as f:
+        text = f.read()
+    start = text.find("{")
+    if start < 0:
+        raise ValueError(f"{path}: no JSON in fio output")
+    return json.loads(text[start:])
+
+
+def cell(path, row):
+    job = load(path)["jobs"][0]
+    if job.get("error"):
+        raise ValueError(f"{path}: fio job error {job['error']}")
+    side = job["read"] if job["read"]["io_bytes"] > 0 else job["write"]
+    pct = side["clat_ns"].get("percentile", {})
+    if row.endswith("fsync") and "sync" in job:
+        pct = job["sync"]["lat_ns"].get("percentile", pct)
+    return {
+        "iops": side["iops"],
+        "mbs": side["bw_bytes"] / 1e6,
+        "p50": pct.get("50.000000", 0) / 1e3,
+        "p99": pct.get("99.000000", 0) / 1e3,
+    }
+
+
+def kfmt(v):
+    if v >= 100_000:
+        return f"{v / 1000:.0f}k"
+    if v >= 10_000:
+        return f"{v / 1000:.1f}k"
+    if v >= 1000:
+        return f"{v / 1000:.2f}k"
+    return f"{v:.0f}"
+
+
+def nfmt(v):
+    if v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.1f}"
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    results, rows, peers = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
+    cells = {}  # (row, peer) -> [cell]
+    for name in sorted(os.listdir(results)):
+        if not name.endswith(".json"):
+            continue
+        parts = name[: -len(".json")].split(".")
+        if len(parts) != 3:
+            continue
+        row, peer, _round = parts
+        try:
+            cells.setdefault((row, peer), []).append(cell(os.path.join(results, name), row))
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            print(f"bench: skipping {name}: {e}", file=sys.stderr)
+
+    med = {}
+    for key, cs in cells.items():
+        iops = [c["iops"] for c in cs]
+        med[key] = {
+            "n": len(cs),
+            "iops": statistics.median(iops),
+            "min": min(iops),
+            "max": max(iops),
+            "mbs": statistics.median(c["mbs"] for c in cs),
+            "p50": statistics.median(c["p50"] for c in cs),
+            "p99": statistics.median(c["p99"] for c in cs),
+        }
+
+    others = [p for p in peers if p != "stor"]
+    head = ["row"]
+    for p in peers:
+        head += [f"{p} IOPS (min..max)", "MB/s", "p50 µs", "p99 µs"]
+    head += [f"stor/{p}" for p in others]
+    lines = [head]
+    worst, worst_ratio = None, None
+    for row in rows:
+        line = [row]
+        for p in peers:
+            m = med.get((row, p))
+            if m is None:
+                line += ["-", "-", "-", "-"]
+                continue
+            line += [
+                f"{kfmt(m['iops'])} ({kfmt(m['min'])}..{kfmt(m['max'])})",
+                nfmt(m["mbs"]),
+                nfmt(m["p50"]),
+                nfmt(m["p99"]),
+            ]
+        for p in others:
+            s, o = med.get((row, "stor")), med.get((row, p))
+            if s is None or o is None or o["iops"] == 0:
+                line.append("-")
+                continue
+            r = s["iops"] / o["iops"]
+            line.append(f"{r:.2f}")
+            if p == others[0] and (worst_ratio is None or r < worst_ratio):
+                worst, worst_ratio = row, r
+        lines.append(line)
+
+    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    def fmt(l):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"
+    print(fmt(lines[0]))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for l in lines[1:]:
+        print(fmt(l))
+    rounds = sorted({m["n"] for m in med.values()})
+    print()
+    print(f"IOPS: median over {'/'.join(map(str, rounds))} round(s), min..max in brackets; "
+          "MB/s and latencies: medians; latency is fio's completion latency "
+          "(the fsync row: the flush's latency).")
+    if worst is not None:
+        with open(os.path.join(results, "worst-row"), "w") as f:
+            f.write(worst + "\n")
+
+
+if __name__ == "__main__":
+    main()
