@@ -38,6 +38,7 @@ type raftCluster struct {
 	nodes map[api.NodeID]*Node
 	trans map[api.NodeID]*raft.InmemTransport
 	tick  time.Duration
+	apis  map[api.NodeID]string // API addresses to register; default 127.0.0.(10+i):7480
 }
 
 func testLogger() *slog.Logger {
@@ -147,7 +148,12 @@ func (c *raftCluster) form(n int) *Node {
 		}
 	}
 	for i := 1; i <= n; i++ {
-		propose(c.t, leader, registerCmd(api.NodeID(fmt.Sprintf("n%d", i))))
+		id := api.NodeID(fmt.Sprintf("n%d", i))
+		cmd := registerCmd(id)
+		if a, ok := c.apis[id]; ok {
+			cmd.Spec.Addr.API = a
+		}
+		propose(c.t, leader, cmd)
 	}
 	return leader
 }
