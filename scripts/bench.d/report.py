@@ -17,7 +17,8 @@ Per cell it takes, from the job's read or write side (the one that moved data):
 
 and prints, per row and peer, the median over rounds, with min..max of IOPS.
 Ratios are median stor IOPS / median peer IOPS. The row with the lowest
-stor/nbd-server ratio is written to RESULTS_DIR/worst-row for the profile.
+stor/FIRST-OTHER-PEER ratio is written to RESULTS_DIR/worst-row as
+"ROW PEER RATIO", for the profile.
 """
 
 import json
@@ -142,7 +143,7 @@ def main():
           "(the fsync row: the flush's latency).")
     if worst is not None:
         with open(os.path.join(results, "worst-row"), "w") as f:
-            f.write(worst + "\n")
+            f.write(f"{worst} {others[0]} {worst_ratio:.2f}\n")
 
 
 if __name__ == "__main__":
