@@ -470,7 +470,9 @@ func (j *Journal) failed() error {
 
 // poison records err as fatal (the first one wins) and returns the fatal error.
 func (j *Journal) poison(err error) error {
-	j.fail.CompareAndSwap(nil, &err)
+	if j.fail.CompareAndSwap(nil, &err) {
+		j.log.Error("journal: failed; appends and syncs refused until reopened", "err", err)
+	}
 	return j.failed()
 }
 
@@ -514,6 +516,9 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 	if _, err := s.f.WriteAt(b, off); err != nil {
 		return Pos{}, j.poison(fmt.Errorf("%w: write %s at %d: %w", ErrFailed, s.path, off, err))
 	}
+	if invariants {
+		j.checkAppendLocked(s, off+int64(n))
+	}
 	if s.records == 0 {
 		s.firstOp = r.OpNum
 	}
@@ -523,6 +528,23 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 	j.mu.last = r.OpNum
 	j.last.Store(r.OpNum)
 	return Pos{Seg: s.id, Off: off + HeaderSize}, nil
+}
+
+// checkAppendLocked panics unless the file ends where the journal thinks the
+// record it just wrote ends, and the segments are in order.
+// REQUIRES: j.mu
+func (j *Journal) checkAppendLocked(s *segment, end int64) {
+	if st, err := s.f.Stat(); err == nil && st.Size() != end {
+		panic(fmt.Sprintf("journal: %s is %d bytes after a record ending at %d", s.path, st.Size(), end))
+	}
+	for i, t := range j.mu.segs {
+		if i > 0 && t.id <= j.mu.segs[i-1].id || t.refs.Load() < 1 {
+			panic(fmt.Sprintf("journal: segment table out of order or released: %d", t.id))
+		}
+	}
+	if j.mu.active != j.mu.segs[len(j.mu.segs)-1] || j.mu.active != s {
+		panic("journal: active segment is not the newest")
+	}
 }
 
 // Rotate seals the active segment, if it holds any record, and starts a new

@@ -49,7 +49,8 @@ type Record struct {
 }
 
 // Pos addresses a record: the file offset of its data payload within segment
-// Seg. A sub-range of the data is at Pos{Seg, Off + k}.
+// Seg. A sub-range of the data is at Pos{Seg, Off + k}; the aux bytes follow
+// the data, at Pos{Seg, Off + len(Data)}.
 type Pos struct {
 	Seg uint64
 	Off int64

@@ -50,8 +50,12 @@ func (j *Journal) syncTo(ctx context.Context, target uint64) error {
 				c.synced = op
 				j.synced.Store(op)
 			}
-			close(c.done)
-			c.done = make(chan struct{})
+			if c.waiters > 0 {
+				// Only waiters hold done; with none, keep it (no allocation
+				// per round for a lone syncer).
+				close(c.done)
+				c.done = make(chan struct{})
+			}
 			continue
 		}
 		done := c.done
