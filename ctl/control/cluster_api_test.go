@@ -2,11 +2,13 @@ package control
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -276,4 +278,74 @@ func TestClusterAPINoLeader(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// flakyTransport fails every request while down is set.
+type flakyTransport struct {
+	mu   sync.Mutex
+	down bool
+}
+
+func (f *flakyTransport) set(down bool) { f.mu.Lock(); f.down = down; f.mu.Unlock() }
+
+func (f *flakyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	f.mu.Lock()
+	down := f.down
+	f.mu.Unlock()
+	if down {
+		return nil, errors.New("cut off")
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+func TestAgentRegistersJoinsHeartbeats(t *testing.T) {
+	c := newAPICluster(t, 3)
+	f := c.follower()
+	c.start("n4", false)
+	ft := &flakyTransport{}
+	ag, err := StartAgent(AgentConfig{
+		ID:       "n4",
+		Spec:     cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480", Raft: raftAddrOf("n4")}},
+		Join:     []string{"http://127.0.0.1:1", c.srv[f].URL}, // the first is down
+		Voter:    true,
+		Interval: 20 * time.Millisecond,
+		Suspect:  300 * time.Millisecond,
+		Health:   func() int { return 77 },
+		Client:   &http.Client{Transport: ft, Timeout: 2 * time.Second},
+		Logger:   testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ag.Close()
+	poll := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: agent error %v", what, ag.Err())
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	poll("active", func() bool { return ag.State() == cluster.StateActive })
+	vs, _ := c.leader.Voters()
+	if len(vs) != 4 {
+		t.Fatalf("voters %+v", vs)
+	}
+	var n cluster.Node
+	c.want(t, f, "GET", "/v1/nodes/n4", "", 200).decode(t, &n)
+	if n.Health != 77 {
+		t.Fatalf("node %+v", n)
+	}
+	// An operator drains it: the agent learns it.
+	c.want(t, f, "POST", "/v1/nodes/n4/drain", "", 200)
+	poll("draining", func() bool { return ag.State() == cluster.StateDraining })
+	c.want(t, f, "POST", "/v1/nodes/n4/undrain", "", 200)
+	poll("active again", func() bool { return ag.State() == cluster.StateActive })
+	// Cut off from the control plane, it knows it is isolating.
+	ft.set(true)
+	poll("isolating", func() bool { return ag.State() == cluster.StateIsolating })
+	ft.set(false)
+	poll("back", func() bool { return ag.State() == cluster.StateActive })
 }
