@@ -185,13 +185,45 @@ func TestCorruptOlderSegment(t *testing.T) {
 	if !errors.Is(err, ErrCorrupt) || !errors.As(err, &ce) || ce.Seg != 1 || ce.Off != starts[3] {
 		t.Fatalf("Open = %v, want CorruptError at segment 1 offset %d", err, starts[3])
 	}
-	// A torn tail of the older segment while the newer one holds records is
-	// corruption too: the journal cannot tell it from lost acknowledged data.
+	// So is a damaged but complete last record of an older segment while the
+	// newer one holds records: it may have been acknowledged.
 	fs, _, starts = twoSegments(t, 6)
 	b = fileBytes(t, fs, name)
-	writeFile(t, fs, name, b[:starts[5]+10])
+	b[len(b)-1] ^= 1
+	writeFile(t, fs, name, b)
 	if _, err := Open(fs, "j", Options{}); !errors.As(err, &ce) || ce.Seg != 1 || ce.Off != starts[5] {
 		t.Fatalf("Open = %v, want CorruptError at segment 1 offset %d", err, starts[5])
+	}
+}
+
+// TestTornOlderSegment: a sealed segment whose tail looks torn by a crash
+// (cut short, or zeros) is cut even though a newer segment holds records:
+// Sync fsyncs sealed segments first, so none of those records was reported
+// durable. The newer segments are dropped.
+func TestTornOlderSegment(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		tear func(b []byte, last int64) []byte
+	}{
+		{"short header", func(b []byte, last int64) []byte { return b[:last+10] }},
+		{"record past the end", func(b []byte, last int64) []byte { return b[:len(b)-1] }},
+		{"zeros", func(b []byte, last int64) []byte { clear(b[last:]); return b }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fs, want, starts := twoSegments(t, 6)
+			name := "j/" + segName(1)
+			writeFile(t, fs, name, tc.tear(fileBytes(t, fs, name), starts[5]))
+			j := openT(t, fs, "j", Options{})
+			defer j.Close()
+			got, _ := replayAll(t, j, 0)
+			checkRecords(t, got, want[:5])
+			if segs := j.Segments(); len(segs) != 1 || !segs[0].Active || segs[0].Size != starts[5] {
+				t.Fatalf("segments %+v", segs)
+			}
+			if _, err := fs.Stat("j/" + segName(2)); err == nil {
+				t.Fatal("the newer segment survived")
+			}
+		})
 	}
 }
 

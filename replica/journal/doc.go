@@ -3,8 +3,9 @@
 // # Model
 //
 // A journal is a directory of segment files named NNNNNNNNNNNNNNNN.log (the
-// segment id as 16 lower-case hex digits; ids only grow and are never
-// reused while the newest segment exists). Records are appended to the newest
+// segment id as 16 lower-case hex digits). Ids only grow: the newest file is
+// never removed, and an id is reused only after Open dropped that segment as
+// part of a torn tail (it held nothing ever reported durable). Records are appended to the newest
 // segment, the active one. Once the active segment holds Options.SegmentSize
 // bytes or more, the next Append first seals it and creates the next segment
 // (the directory is fsync'ed after every create or remove). Rotate seals on
@@ -60,12 +61,17 @@
 //   - After a power loss, Open finds every record appended before the last
 //     completed Sync. Each record is either wholly present (crc ok) or cut:
 //     Open truncates the newest segment at its first invalid record, so no
-//     record after a cut survives and later appends follow valid data. A
-//     torn tail of an older segment is cut the same way only when every
-//     later segment holds no valid record (a crash right after a rotation);
-//     the later segments are then deleted. Any other invalid record, and any
-//     opnum that does not increase, is ErrCorrupt (see CorruptError) and
-//     Open fails rather than drop data that may have been acknowledged.
+//     record after a cut survives and later appends follow valid data.
+//   - An older (sealed) segment may also end in a torn tail after a crash
+//     soon after a rotation. Open cuts it, and deletes every later segment,
+//     when its invalid tail looks torn (the file ends inside the record, or
+//     only zeros follow) or when no later segment holds a valid record. This
+//     loses nothing acknowledged: Sync fsyncs sealed segments before newer
+//     ones, so no later record was reported durable while this tail was not.
+//   - Any other invalid record in an older segment (say a complete record
+//     whose crc fails, while a later segment holds valid records), and any
+//     opnum that does not increase, is ErrCorrupt (see CorruptError): Open
+//     fails rather than drop data that may have been acknowledged.
 //   - An fsync or write error poisons the journal: every later Append and
 //     Sync returns it, because after a failed fsync the kernel may have
 //     dropped dirty pages and a retry could falsely succeed. Reopen to

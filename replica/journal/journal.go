@@ -294,15 +294,30 @@ func (j *Journal) load() error {
 		if off == fileSize {
 			continue
 		}
-		// An invalid record at off: a torn tail if nothing valid follows.
+		// An invalid record at off. In the newest segment it is a torn tail.
+		// In an older one it is a torn tail only if it looks like one (the
+		// file ends inside the record, or only zeros follow) or if no later
+		// segment holds a record. Later segments are then dropped: a Sync
+		// fsyncs sealed segments before newer ones, so a record in them was
+		// never reported durable while this tail was not. Anything else is
+		// corruption of data that may have been acknowledged.
 		later := ids[i+1:]
-		for _, lid := range later {
-			ok, err := j.startsWithRecord(lid)
+		if len(later) > 0 {
+			torn, err := tornLike(sc, off, fileSize)
 			if err != nil {
-				return err
+				return fmt.Errorf("journal: read %s at %d: %w", s.path, off, err)
 			}
-			if ok {
-				return &CorruptError{Seg: id, Off: off, Reason: fmt.Sprintf("%s, and segment %016x holds records", bad, lid)}
+			for _, lid := range later {
+				if torn {
+					break
+				}
+				ok, err := j.startsWithRecord(lid)
+				if err != nil {
+					return err
+				}
+				if ok {
+					return &CorruptError{Seg: id, Off: off, Reason: fmt.Sprintf("%s, and segment %016x holds records", bad, lid)}
+				}
 			}
 		}
 		j.log.Warn("journal: cutting torn tail", "segment", id, "offset", off, "bytes", fileSize-off,
@@ -395,6 +410,38 @@ func (j *Journal) startsWithRecord(id uint64) (bool, error) {
 		return false, fmt.Errorf("journal: read %s: %w", s.path, err)
 	}
 	return bad == "", nil
+}
+
+// tornLike reports whether the invalid bytes [off, size) of a segment look
+// like a write cut short by a crash rather than damage to written data: too
+// short for a header, a header whose record runs past the end of the file,
+// or nothing but zeros.
+func tornLike(sc *scanner, off, size int64) (bool, error) {
+	if size-off < HeaderSize {
+		return true, nil
+	}
+	b, err := sc.window(off, HeaderSize)
+	if err != nil {
+		return false, err
+	}
+	var h header
+	if decodeHeader(b, &h) == "" && size-off-HeaderSize < h.payloadLen() {
+		return true, nil
+	}
+	for off < size {
+		n := int(min(size-off, scanBufSize))
+		b, err := sc.window(off, n)
+		if err != nil {
+			return false, err
+		}
+		for _, c := range b {
+			if c != 0 {
+				return false, nil
+			}
+		}
+		off += int64(n)
+	}
+	return true, nil
 }
 
 // truncater is implemented by files that can shrink (os.File).
