@@ -74,11 +74,14 @@ func (e *NotLeaderError) Is(target error) bool {
 
 // NodeConfig configures NewNode. Zero durations take the defaults noted.
 type NodeConfig struct {
-	ID        api.NodeID   // required; the raft server id
-	Dir       string       // required; raft.db and snapshots/ live here
-	RaftAddr  string       // host:port to listen on and advertise (TCP transport)
-	Bootstrap bool         // form a new one-voter cluster if Dir holds no raft state
-	Logger    *slog.Logger // nil: slog.Default()
+	ID       api.NodeID // required; the raft server id
+	Dir      string     // required; raft.db and snapshots/ live here
+	RaftAddr string     // host:port to listen on (TCP transport)
+	// RaftAdvertise is the address peers dial; "": RaftAddr (which must
+	// then not be a wildcard such as 0.0.0.0).
+	RaftAdvertise string
+	Bootstrap     bool         // form a new one-voter cluster if Dir holds no raft state
+	Logger        *slog.Logger // nil: slog.Default()
 
 	// NoSync skips fsync of the raft log: for tests only (a crash may then
 	// lose committed entries on this voter).
@@ -170,12 +173,20 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	trans := cfg.Transport
 	if trans == nil {
-		adv, err := net.ResolveTCPAddr("tcp", cfg.RaftAddr)
+		advertise := cfg.RaftAdvertise
+		if advertise == "" {
+			advertise = cfg.RaftAddr
+		}
+		adv, err := net.ResolveTCPAddr("tcp", advertise)
 		if err != nil {
 			store.Close()
-			return nil, fmt.Errorf("control: raft address %q: %w", cfg.RaftAddr, err)
+			return nil, fmt.Errorf("control: raft address %q: %w", advertise, err)
 		}
-		t, err := raft.NewTCPTransport(cfg.RaftAddr, adv, 3, 5*time.Second, rlog)
+		var advAddr net.Addr = adv
+		if adv.Port == 0 {
+			advAddr = nil // the listener's address, port chosen by the kernel
+		}
+		t, err := raft.NewTCPTransport(cfg.RaftAddr, advAddr, 3, 5*time.Second, rlog)
 		if err != nil {
 			store.Close()
 			return nil, fmt.Errorf("control: raft listen %s: %w", cfg.RaftAddr, err)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"sort"
 	"strconv"
@@ -576,3 +577,63 @@ type memSink struct{ bytes.Buffer }
 func (s *memSink) Close() error  { return nil }
 func (s *memSink) ID() string    { return "mem" }
 func (s *memSink) Cancel() error { return nil }
+
+// TestNodeCloseLeavesNoGoroutines starts and closes a three-voter group
+// (ticker on, a proposal cancelled mid-flight) and polls until the
+// goroutine count is back where it started.
+func TestNodeCloseLeavesNoGoroutines(t *testing.T) {
+	before := runtime.NumGoroutine()
+	func() {
+		c := newRaftCluster(t)
+		c.tick = 10 * time.Millisecond
+		leader := c.form(3)
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		leader.Propose(ctx, volumeCmd("x"))
+		for _, id := range c.running() {
+			c.kill(id)
+		}
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines before, %d after:\n%s", before, runtime.NumGoroutine(), buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestRaftTCP runs two voters over the production TCP transport on
+// loopback.
+func TestRaftTCP(t *testing.T) {
+	base := t.TempDir()
+	mk := func(id api.NodeID, boot bool) *Node {
+		n, err := NewNode(NodeConfig{ID: id, Dir: filepath.Join(base, string(id)), RaftAddr: "127.0.0.1:0", Bootstrap: boot,
+			Logger: testLogger(), HeartbeatTimeout: testHeartbeat, ElectionTimeout: testElection, LeaderLeaseTimeout: testLease,
+			TickInterval: -1, NoSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close() })
+		return n
+	}
+	a := mk("n1", true)
+	b := mk("n2", false)
+	c := &raftCluster{t: t, nodes: map[api.NodeID]*Node{"n1": a, "n2": b}}
+	leader := c.waitLeader([]api.NodeID{"n1"}, 5*time.Second)
+	if err := leader.Join(context.Background(), "n2", b.RaftAddr()); err != nil {
+		t.Fatal(err)
+	}
+	reg := registerCmd("n1")
+	reg.Spec.Addr.Raft = a.RaftAddr()
+	propose(t, leader, reg)
+	propose(t, leader, volumeCmd("x"))
+	c.waitConverged(leader)
+	if got := volumeNames(b); !slices.Equal(got, []string{"x"}) {
+		t.Fatalf("follower over TCP: %v", got)
+	}
+	if _, err := NewNode(NodeConfig{ID: "n3", Dir: filepath.Join(base, "n3"), RaftAddr: a.RaftAddr(), Logger: testLogger()}); err == nil {
+		t.Fatal("a second node listened on a taken raft address")
+	}
+}
