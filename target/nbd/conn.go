@@ -26,6 +26,9 @@ const (
 	// drainGrace bounds how long Close waits for a client that does not
 	// read its replies.
 	drainGrace = 5 * time.Second
+	// maxCoalesce is the largest reply copied into the queue of a busy
+	// connection; larger replies wait to be written on their own.
+	maxCoalesce = 32 << 10
 	// maxMapLen bounds the range one BLOCK_STATUS asks the device about;
 	// the spec lets the server answer a prefix.
 	maxMapLen = 1 << 30
@@ -35,7 +38,7 @@ const (
 //
 // Ownership: the serve goroutine owns negotiation and reading; each request
 // is owned by one slot, which a worker owns while executing it. Replies are
-// written under wmu, one write call per reply.
+// written under wmu, each whole in one write call (possibly with others).
 type conn struct {
 	s      *Server
 	nc     net.Conn
@@ -45,8 +48,16 @@ type conn struct {
 	sess   *session
 	mapper target.Mapper
 
-	wmu    sync.Mutex // serialises reply writes on nc
-	broken atomic.Bool
+	broken atomic.Bool // a reply write failed: the client is gone
+
+	// wmu serialises reply writes on nc; see send.
+	wmu struct {
+		sync.Mutex
+		idle    sync.Cond // signalled when writing ends
+		writing bool      // a worker is in nc.Write
+		pending []byte    // replies queued behind the current write
+		spare   []byte    // the other pending buffer, reused
+	}
 
 	free    chan *slot // idle slots; a slot is a request buffer plus a worker's turn
 	work    chan *slot // read requests waiting for a worker
@@ -77,7 +88,9 @@ func (sl *slot) payload(n int) []byte {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	return &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
+	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
+	c.wmu.idle.L = &c.wmu.Mutex
+	return c
 }
 
 // shutdown makes the connection stop reading requests: the reader sees a
@@ -225,17 +238,51 @@ func (c *conn) worker() {
 	}
 }
 
-// send writes one whole reply. A failed write means the client is gone:
-// the connection is closed so the reader stops too.
+// send writes one whole reply. Replies coalesce: while one worker is in a
+// write call, others append their replies to wmu.pending and the writing
+// worker sends them all in its next call, so at high queue depth many
+// replies share a syscall while at queue depth 1 a reply goes straight out
+// without a copy. Replies larger than maxCoalesce wait for their turn
+// instead of being copied. A failed write means the client is gone: the
+// connection is closed so the reader stops too.
 func (c *conn) send(b []byte) {
+	c.wmu.Lock()
+	for c.wmu.writing && len(b) > maxCoalesce && !c.broken.Load() {
+		c.wmu.idle.Wait()
+	}
 	if c.broken.Load() {
+		c.wmu.Unlock()
 		return
 	}
-	c.wmu.Lock()
-	_, err := c.nc.Write(b)
+	if c.wmu.writing {
+		c.wmu.pending = append(c.wmu.pending, b...)
+		c.wmu.Unlock()
+		return
+	}
+	c.wmu.writing = true
 	c.wmu.Unlock()
-	if err != nil && !c.broken.Swap(true) {
-		c.nc.Close()
+	owned := false // b is the caller's until it is a pending buffer
+	for {
+		_, err := c.nc.Write(b)
+		c.wmu.Lock()
+		if err != nil {
+			if !c.broken.Swap(true) {
+				c.nc.Close()
+			}
+			c.wmu.pending = c.wmu.pending[:0]
+		}
+		if owned {
+			c.wmu.spare = b[:0]
+		}
+		if len(c.wmu.pending) == 0 {
+			c.wmu.writing = false
+			c.wmu.idle.Broadcast()
+			c.wmu.Unlock()
+			return
+		}
+		b, c.wmu.pending, c.wmu.spare = c.wmu.pending, c.wmu.spare, nil
+		owned = true
+		c.wmu.Unlock()
 	}
 }
 
