@@ -72,10 +72,12 @@
 //     whose crc fails, while a later segment holds valid records), and any
 //     opnum that does not increase, is ErrCorrupt (see CorruptError): Open
 //     fails rather than drop data that may have been acknowledged.
-//   - An fsync or write error poisons the journal: every later Append and
-//     Sync returns it, because after a failed fsync the kernel may have
-//     dropped dirty pages and a retry could falsely succeed. Reopen to
-//     recover what is on disk.
+//   - A failed Append (say out of space) appends nothing: the file is cut
+//     back to the end of the last record and later Appends may succeed.
+//   - An fsync error, or a failed write that cannot be cut back, poisons the
+//     journal (ErrFailed): every later Append and Sync returns it, because
+//     after a failed fsync the kernel may have dropped dirty pages and a
+//     retry could falsely succeed. Reopen to recover what is on disk.
 //   - Remove is durable when it returns (the directory is fsync'ed).
 //
 // # Concurrency

@@ -561,7 +561,13 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 	encodeRecord(b, r)
 	off := s.size.Load()
 	if _, err := s.f.WriteAt(b, off); err != nil {
-		return Pos{}, j.poison(fmt.Errorf("%w: write %s at %d: %w", ErrFailed, s.path, off, err))
+		// Out of space, say. Cut whatever part of the record landed, so that
+		// the next Append follows valid data; if that fails, give up.
+		err = fmt.Errorf("journal: write %s at %d: %w", s.path, off, err)
+		if t, ok := s.f.(truncater); !ok || t.Truncate(off) != nil {
+			err = j.poison(fmt.Errorf("%w: %w", ErrFailed, err))
+		}
+		return Pos{}, err
 	}
 	if invariants {
 		j.checkAppendLocked(s, off+int64(n))

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math/rand/v2"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -514,17 +515,22 @@ func TestSyncError(t *testing.T) {
 	}
 }
 
-// errFS fails file fsyncs while fail is set.
+// errFS fails file fsyncs while fail is set, and writes (after writing half
+// the bytes) while failWrite is set.
 type errFS struct {
 	vfs.FS
-	fail error
+	fail, failWrite error
 }
 
 func (e *errFS) wrap(f vfs.File, err error) (vfs.File, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &errFile{File: f, fs: e}, nil
+	ef := &errFile{File: f, fs: e}
+	if _, ok := f.(truncater); ok {
+		return errTruncFile{ef}, nil
+	}
+	return ef, nil
 }
 
 func (e *errFS) Create(name string) (vfs.File, error) { return e.wrap(e.FS.Create(name)) }
@@ -545,3 +551,75 @@ func (f *errFile) Sync() error {
 }
 
 func (f *errFile) SyncData() error { return f.Sync() }
+
+func (f *errFile) WriteAt(b []byte, off int64) (int, error) {
+	if f.fs.failWrite != nil {
+		n, _ := f.File.WriteAt(b[:len(b)/2], off)
+		return n, f.fs.failWrite
+	}
+	return f.File.WriteAt(b, off)
+}
+
+// errTruncFile is an errFile whose file can be truncated.
+type errTruncFile struct{ *errFile }
+
+func (f errTruncFile) Truncate(size int64) error { return f.File.(truncater).Truncate(size) }
+
+// TestWriteError: a failed write appends nothing and, where the file can be
+// cut back, leaves the journal usable.
+func TestWriteError(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		fs     vfs.FS
+		dir    string
+		poison bool
+	}{
+		{"disk", vfs.Default, t.TempDir(), false},
+		{"mem without truncate", vfs.NewMem(), "j", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			efs := &errFS{FS: tc.fs}
+			j := openT(t, efs, tc.dir, Options{})
+			w := func(op uint64) error {
+				d := bytes.Repeat([]byte{byte(op)}, 1000)
+				_, err := j.Append(&Record{Kind: KindWrite, OpNum: op, Len: 1000, Data: d})
+				return err
+			}
+			if err := w(1); err != nil {
+				t.Fatal(err)
+			}
+			efs.failWrite = syscall.ENOSPC
+			if err := w(2); !errors.Is(err, syscall.ENOSPC) || errors.Is(err, ErrFailed) != tc.poison {
+				t.Fatalf("Append with a failing write: %v", err)
+			}
+			efs.failWrite = nil
+			if j.LastOpNum() != 1 || j.Segments()[0].Size != HeaderSize+1000 {
+				t.Fatalf("failed Append left LastOpNum %d, segments %+v", j.LastOpNum(), j.Segments())
+			}
+			err := w(2)
+			if tc.poison {
+				if !errors.Is(err, ErrFailed) {
+					t.Fatalf("Append after a write that could not be cut: %v", err)
+				}
+			} else if err != nil {
+				t.Fatal(err)
+			}
+			j.Close()
+			j = openT(t, efs, tc.dir, Options{})
+			defer j.Close()
+			got, _ := replayAll(t, j, 0)
+			want := 2
+			if tc.poison {
+				want = 1
+			}
+			if len(got) != want {
+				t.Fatalf("reopen found %d records, want %d", len(got), want)
+			}
+			for i := range got {
+				if got[i].OpNum != uint64(i+1) || got[i].Data[999] != byte(i+1) {
+					t.Fatalf("record %d: %s", i, fmtRecord(&got[i]))
+				}
+			}
+		})
+	}
+}
