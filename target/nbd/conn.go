@@ -430,6 +430,11 @@ func (c *conn) blockStatus(sl *slot) {
 		c.replyErr(sl, errnoInval, errors.New("no metadata context selected"))
 		return
 	}
+	// The length is only a hint ("Metadata querying"): an unaligned one
+	// is rounded down to whole blocks rather than refused.
+	if bs := uint32(c.sess.geo.BlockSize); r.Length > bs {
+		r.Length -= r.Length % bs
+	}
 	if e := c.check(r, cmdFlagFUA|cmdFlagReqOne, classRead, false); e != 0 {
 		c.replyErr(sl, e, nil)
 		return

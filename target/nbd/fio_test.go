@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,8 +27,10 @@ import (
 //
 //	NBD_FIO=1 go test -count=1 -run TestFioVersusNbdServer -v ./target/nbd
 //
-// Both export 64 MiB held in memory: ours a blockdevtest.Memory in this
-// process, nbd-server a file on /dev/shm (tmpfs).
+// Both export 64 MiB held in memory: ours a flat in-memory device in this
+// process (so the comparison measures the protocol servers, not
+// blockdevtest.Memory's per-block maps), nbd-server a file on /dev/shm
+// (tmpfs).
 func TestFioVersusNbdServer(t *testing.T) {
 	if os.Getenv("NBD_FIO") != "1" {
 		t.Skip("set NBD_FIO=1 to compare with nbd-server under fio")
@@ -42,10 +45,8 @@ func TestFioVersusNbdServer(t *testing.T) {
 	runtime := "3"
 
 	fill := bytes.Repeat([]byte("0123456789abcdef"), size/16)
-	cat, mem := memCatalog("vol", target.Geometry{Size: size, BlockSize: 512})
-	if err := mem.WriteAt(context.Background(), fill, 0, false); err != nil {
-		t.Fatal(err)
-	}
+	cat := newDevCatalog()
+	cat.add("vol", &flatDevice{geo: target.Geometry{Size: size, BlockSize: 512}, data: bytes.Clone(fill)})
 	ours := startServer(t, cat, Config{})
 
 	dir, err := os.MkdirTemp("/dev/shm", "nbdfio")
@@ -154,3 +155,49 @@ func freePort(t *testing.T) int {
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
 }
+
+// flatDevice is a preallocated in-memory disk, the analogue of a file on
+// tmpfs.
+type flatDevice struct {
+	geo  target.Geometry
+	mu   sync.RWMutex
+	data []byte
+}
+
+func (d *flatDevice) Geometry() target.Geometry { return d.geo }
+
+func (d *flatDevice) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := d.geo.Check(off, int64(len(p))); err != nil {
+		return err
+	}
+	d.mu.RLock()
+	copy(p, d.data[off:])
+	d.mu.RUnlock()
+	return nil
+}
+
+func (d *flatDevice) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := d.geo.Check(off, int64(len(p))); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	copy(d.data[off:], p)
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *flatDevice) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
+	if err := d.geo.Check(off, n); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	clear(d.data[off : off+n])
+	d.mu.Unlock()
+	return nil
+}
+
+func (d *flatDevice) Trim(ctx context.Context, off, n int64) error {
+	return d.WriteZeroes(ctx, off, n, false)
+}
+
+func (d *flatDevice) Flush(ctx context.Context) error { return nil }

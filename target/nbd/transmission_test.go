@@ -316,6 +316,10 @@ func TestBlockStatus(t *testing.T) {
 	if got := descs(c.chunkOrSimple()); fmt.Sprint(got) != "[[1024 0]]" {
 		t.Errorf("REQ_ONE extents %v", got)
 	}
+	c.request(0, cmdBlockStatus, 9, 4096, 1<<20-4096-100, nil) // a hint: rounded down
+	if got := descs(c.chunkOrSimple()); fmt.Sprint(got[:3]) != "[[4096 0] [4096 2] [1035776 3]]" {
+		t.Errorf("unaligned length: %v", got)
+	}
 	c.request(0, cmdBlockStatus, 3, 1<<20-512, 1024, nil)
 	if r := c.chunkOrSimple(); r.typ != replyError || r.errno != errnoInval {
 		t.Errorf("past end: %+v", r)
