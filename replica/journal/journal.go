@@ -240,7 +240,7 @@ func (j *Journal) load() error {
 	var ids []uint64
 	removed := false
 	for _, name := range names {
-		if strings.HasSuffix(name, tmpSuffix) {
+		if _, ok := parseSegName(strings.TrimSuffix(name, tmpSuffix)); ok && strings.HasSuffix(name, tmpSuffix) {
 			// Left by an interrupted rewrite (see cut); the original is intact.
 			if err := j.fs.Remove(j.fs.PathJoin(j.dir, name)); err != nil {
 				return fmt.Errorf("journal: remove %s: %w", name, err)
@@ -254,7 +254,7 @@ func (j *Journal) load() error {
 	}
 	slices.Sort(ids)
 
-	buf := make([]byte, scanBufSize)
+	var buf []byte // scan window, shared by the segments
 	var prev uint64
 	for i, id := range ids {
 		s, err := j.openSegment(id, i == len(ids)-1)
@@ -326,7 +326,13 @@ func (j *Journal) load() error {
 			if err := j.fs.Remove(j.path(lid)); err != nil {
 				return fmt.Errorf("journal: remove %s: %w", j.path(lid), err)
 			}
-			removed = true
+		}
+		// The later segments must be gone for good before the cut makes s
+		// valid to its end, or a crash in between could revive them.
+		if len(later) > 0 {
+			if err := j.dirf.Sync(); err != nil {
+				return fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
+			}
 		}
 		if err := j.cut(s, off); err != nil {
 			return err
@@ -706,7 +712,7 @@ func (j *Journal) Replay(after uint64, fn func(r *Record, pos Pos) error) error 
 			it.s.release()
 		}
 	}()
-	buf := make([]byte, scanBufSize)
+	var buf []byte
 	var r Record
 	for _, it := range items {
 		sc := newScanner(it.s.f, it.size, buf)

@@ -280,6 +280,7 @@ func TestConcurrent(t *testing.T) {
 	}
 	var mu sync.Mutex
 	var log []written
+	poke := make(chan struct{}, 1)
 	const writers, perWriter = 4, 300
 	var wg sync.WaitGroup
 	for w := range writers {
@@ -299,6 +300,12 @@ func TestConcurrent(t *testing.T) {
 				}
 				mu.Lock()
 				log = append(log, written{pos, data})
+				if len(log)%16 == 0 {
+					select {
+					case poke <- struct{}{}:
+					default:
+					}
+				}
 				mu.Unlock()
 				if rng.IntN(10) == 0 {
 					before := j.LastOpNum()
@@ -357,7 +364,7 @@ func TestConcurrent(t *testing.T) {
 			select {
 			case <-done:
 				return
-			default:
+			case <-poke:
 			}
 			segs := j.Segments()
 			if len(segs) > 4 {

@@ -179,7 +179,12 @@ type scanner struct {
 	n    int
 }
 
+// newScanner reads f up to size, reusing buf if it makes a big enough
+// window (a full one, or the whole file).
 func newScanner(f vfs.File, size int64, buf []byte) *scanner {
+	if int64(len(buf)) < min(scanBufSize, size) {
+		buf = nil
+	}
 	return &scanner{f: f, size: size, buf: buf}
 }
 
@@ -190,7 +195,8 @@ func (s *scanner) window(off int64, n int) ([]byte, error) {
 		return s.buf[i : i+n], nil
 	}
 	if n > len(s.buf) {
-		s.buf = make([]byte, n)
+		// Grow to the record, and to a full window unless the file is smaller.
+		s.buf = make([]byte, max(int64(n), min(scanBufSize, s.size-off)))
 	}
 	want := min(int64(len(s.buf)), s.size-off)
 	s.base, s.n = off, 0
