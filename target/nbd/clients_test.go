@@ -50,19 +50,25 @@ func TestNbdinfoList(t *testing.T) {
 
 func TestNbdinfoMapShowsHoles(t *testing.T) {
 	needTool(t, "nbdinfo")
-	cat, mem := memCatalog("vol1", target.Geometry{Size: 64 << 20, BlockSize: 512})
-	ctx := context.Background()
-	data := bytes.Repeat([]byte{0xab}, 1<<20)
-	if err := mem.WriteAt(ctx, data, 0, false); err != nil {
-		t.Fatal(err)
-	}
-	if err := mem.Trim(ctx, 256<<10, 256<<10); err != nil {
-		t.Fatal(err)
-	}
-	if err := mem.WriteZeroes(ctx, 2<<20, 1<<20, false); err != nil {
-		t.Fatal(err)
-	}
+	cat, _ := memCatalog("vol1", target.Geometry{Size: 64 << 20, BlockSize: 512})
 	ts := startServer(t, cat, Config{})
+	// Write 1 MiB, trim 256 KiB of it and write zeroes over 1 MiB, over
+	// the wire, one at a time (they overlap).
+	c := connect(t, ts.addr, "vol1", false)
+	for i, r := range []request{
+		{Type: cmdWrite, Offset: 0, Length: 1 << 20},
+		{Type: cmdTrim, Offset: 256 << 10, Length: 256 << 10},
+		{Type: cmdWriteZeroes, Flags: cmdFlagNoHole, Offset: 2 << 20, Length: 1 << 20},
+	} {
+		var payload []byte
+		if r.Type == cmdWrite {
+			payload = bytes.Repeat([]byte{0xab}, int(r.Length))
+		}
+		c.request(r.Flags, r.Type, uint64(i), r.Offset, r.Length, payload)
+		if e, _ := c.simpleReply(); e != 0 {
+			t.Fatalf("request %d: errno %d", i, e)
+		}
+	}
 	out := runTool(t, "nbdinfo", "--map", "nbd://"+ts.addr+"/vol1")
 	// nbdinfo prints: offset length type description.
 	want := []string{
