@@ -212,8 +212,9 @@ func MountCluster(mux *http.ServeMux, h http.Handler) {
 }
 
 // LeaderOnly serves next on the leader and forwards the request to the
-// leader elsewhere (see the Cluster API rules). Wrap the volume API with it
-// to make every node of a cluster answer for the leader.
+// leader elsewhere (see the Cluster API rules); GET /v1/status and GET
+// /metrics are always served by next on the node asked. Wrap the volume API
+// with it to make every node of a cluster answer for the leader.
 func LeaderOnly(node *Node, next http.Handler, cfg ClusterHandlerConfig) http.Handler {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -222,13 +223,19 @@ func LeaderOnly(node *Node, next http.Handler, cfg ClusterHandlerConfig) http.Ha
 		cfg.Transport = http.DefaultTransport
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if node.IsLeader() {
+		if node.IsLeader() || servedLocally(r) {
 			w.Header().Set(HeaderLeader, string(node.ID()))
 			next.ServeHTTP(w, r)
 			return
 		}
 		forward(w, r, node.notLeader(), cfg)
 	})
+}
+
+// servedLocally reports whether r is about the node it was sent to: its
+// status and its metrics are never forwarded.
+func servedLocally(r *http.Request) bool {
+	return r.Method == http.MethodGet && (r.URL.Path == "/v1/status" || r.URL.Path == "/metrics")
 }
 
 // forward proxies r to the leader nl names, or answers 503.

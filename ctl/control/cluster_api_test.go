@@ -154,6 +154,13 @@ func TestClusterAPIFollowerForwards(t *testing.T) {
 	if len(vols) != 1 || vols[0].Partitions != 4 {
 		t.Fatalf("volumes %+v", vols)
 	}
+	// The node's own status is not forwarded.
+	var st api.Status
+	a = c.want(t, f, "GET", "/v1/status", "", 200)
+	a.decode(t, &st)
+	if st.Volumes != 1 {
+		t.Fatalf("local status %+v, headers %v", st, a.header)
+	}
 	// A request that already made its hops is not forwarded again.
 	a = c.do(t, f, "GET", "/v1/nodes", "", HeaderHops, "2")
 	if a.status != 503 || !strings.Contains(string(a.body), "unavailable") || a.header.Get(HeaderLeaderAPI) != c.apis[c.leader.ID()] {
