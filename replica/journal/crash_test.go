@@ -373,3 +373,82 @@ func TestProcessKill(t *testing.T) {
 	got, _ := replayAll(t, j, 0)
 	checkRecords(t, got, want)
 }
+
+// crashFS is a StrictMem FS that loses power right after its n-th fsync:
+// later fsyncs are ignored, so ResetToSyncedState shows the disk as of then.
+type crashFS struct {
+	*vfs.MemFS
+	left int
+}
+
+func (c *crashFS) wrap(f vfs.File, err error) (vfs.File, error) {
+	if err != nil {
+		return nil, err
+	}
+	return &crashFile{File: f, fs: c}, nil
+}
+
+func (c *crashFS) Create(name string) (vfs.File, error) { return c.wrap(c.MemFS.Create(name)) }
+func (c *crashFS) Open(name string, opts ...vfs.OpenOption) (vfs.File, error) {
+	return c.wrap(c.MemFS.Open(name, opts...))
+}
+func (c *crashFS) OpenReadWrite(name string, opts ...vfs.OpenOption) (vfs.File, error) {
+	return c.wrap(c.MemFS.OpenReadWrite(name, opts...))
+}
+func (c *crashFS) OpenDir(name string) (vfs.File, error) { return c.wrap(c.MemFS.OpenDir(name)) }
+
+type crashFile struct {
+	vfs.File
+	fs *crashFS
+}
+
+func (f *crashFile) Sync() error {
+	err := f.File.Sync()
+	if f.fs.left--; f.fs.left == 0 {
+		f.fs.SetIgnoreSyncs(true)
+	}
+	return err
+}
+
+func (f *crashFile) SyncData() error { return f.Sync() }
+
+// TestCrashDuringRecovery loses power after every fsync of an Open that cuts
+// a torn sealed segment and drops the newer ones; the next Open must reach
+// the same journal.
+func TestCrashDuringRecovery(t *testing.T) {
+	setup := func() (*vfs.MemFS, []Record) {
+		mem, want, starts := twoSegments(t, 6)
+		strict := vfs.NewStrictMem()
+		if _, err := vfs.Clone(mem, strict, "j", "j", vfs.CloneSync); err != nil {
+			t.Fatal(err)
+		}
+		b := fileBytes(t, strict, "j/"+segName(1))
+		writeFile(t, strict, "j/"+segName(1), b[:starts[5]+HeaderSize+3])
+		writeFile(t, strict, "j/"+segName(3), nil)
+		if err := syncDir(strict, "j"); err != nil {
+			t.Fatal(err)
+		}
+		return strict, want[:5]
+	}
+	for n := 1; ; n++ {
+		mem, want := setup()
+		cfs := &crashFS{MemFS: mem, left: n}
+		j := openT(t, cfs, "j", Options{})
+		done := cfs.left > 0 // Open finished before the power loss
+		powerLoss(t, mem, j)
+		j = openT(t, mem, "j", Options{})
+		got, _ := replayAll(t, j, 0)
+		checkRecords(t, got, want)
+		if segs := j.Segments(); len(segs) != 1 || segs[0].ID != 1 {
+			t.Fatalf("crash after fsync %d: segments %+v", n, segs)
+		}
+		if _, err := j.Append(&Record{Kind: KindMeta, OpNum: 99}); err != nil {
+			t.Fatal(err)
+		}
+		j.Close()
+		if done {
+			t.Logf("Open of the torn journal does %d fsyncs", n-cfs.left)
+			break
+		}
+	}
+}
