@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -544,4 +545,39 @@ func TestServeAfterCloseReturnsNil(t *testing.T) {
 		t.Fatalf("Serve after Close: %v", err)
 	}
 	ts.done <- nil
+}
+
+// TestNoGoroutineLeft: after Close every goroutine of the server is gone,
+// with connections in handshake and in transmission at the time.
+func TestNoGoroutineLeft(t *testing.T) {
+	before := runtime.NumGoroutine()
+	cat, _ := memCatalog("v", target.Geometry{Size: 1 << 20, BlockSize: 512})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewServer(Config{Catalog: cat})
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ln) }()
+	var clients []*rawClient
+	for i := range 6 {
+		c := connect(t, ln.Addr().String(), "v", i%2 == 0)
+		for k := range 8 {
+			c.request(0, cmdRead, uint64(k), uint64(k)*512, 512, nil)
+		}
+		clients = append(clients, c)
+	}
+	half := dial(t, ln.Addr().String())
+	half.greet(clientFixedNewstyle)
+	eventually(t, 10*time.Second, "7 connections", func() bool { return s.Connections() == 7 })
+	s.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("Serve: %v", err)
+	}
+	for _, c := range append(clients, half) {
+		c.nc.Close()
+	}
+	eventually(t, 10*time.Second, "goroutines back to the baseline", func() bool {
+		return runtime.NumGoroutine() <= before
+	})
 }
