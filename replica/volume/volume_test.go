@@ -12,6 +12,7 @@ import (
 
 	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/target"
+	"stor.dev/stor/target/blockdevtest"
 )
 
 func openManager(t testing.TB, fs vfs.FS, dir string) *Manager {
@@ -143,3 +144,22 @@ func benchDevice(b *testing.B, write bool) {
 
 func BenchmarkRead4K(b *testing.B)  { benchDevice(b, false) }
 func BenchmarkWrite4K(b *testing.B) { benchDevice(b, true) }
+
+// TestConformance runs the BlockDevice conformance suite against a volume
+// that spans several partitions.
+func TestConformance(t *testing.T) {
+	blockdevtest.Run(t, func(t *testing.T, geo target.Geometry) target.BlockDevice {
+		ctx := context.Background()
+		m := openManager(t, vfs.NewMem(), "d")
+		t.Cleanup(func() { m.Close() })
+		if _, err := m.CreateVolume(ctx, api.CreateVolume{Name: "c", Size: geo.Size, BlockSize: geo.BlockSize, PartitionSize: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		dev, err := m.Open(ctx, "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dev.Close() })
+		return dev
+	})
+}
