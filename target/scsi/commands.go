@@ -36,6 +36,7 @@ const (
 	opPROut           = 0x5f
 	opRead16          = 0x88
 	opCompareAndWrite = 0x89
+	opOrWrite16       = 0x8b
 	opWrite16         = 0x8a
 	opWriteVerify16   = 0x8e
 	opVerify16        = 0x8f
@@ -105,6 +106,7 @@ func init() {
 	add(opWriteSame10, 10, classWrite, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.writeSame(ctx, dev, t, 10) })
 	add(opWriteSame16, 16, classWrite, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.writeSame(ctx, dev, t, 16) })
 	add(opUnmap, 10, classWrite, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.unmap(ctx, dev, t) })
+	add(opOrWrite16, 16, classWrite, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.orWrite(ctx, dev, t) })
 	add(opCompareAndWrite, 16, classWrite, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.compareAndWrite(ctx, dev, t) })
 	add(opReadCapacity10, 10, classAlways, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.readCapacity10(ctx, dev, t) })
 	add(opServiceIn16, 16, classAlways, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) {

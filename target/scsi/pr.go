@@ -290,7 +290,7 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			return
 		}
 		if !validType() {
-			l.fail(t, senseIllegal, ascInvalidFieldCDB)
+			l.failLocked(t, senseIllegal, ascInvalidFieldCDB)
 			return
 		}
 		if s.Holder != nil {
@@ -310,7 +310,7 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			return
 		}
 		if s.Type != typ || scope != 0 {
-			l.fail(t, senseIllegal, ascInvalidPRRelease)
+			l.failLocked(t, senseIllegal, ascInvalidPRRelease)
 			return
 		}
 		s.Holder, s.Type = nil, 0
@@ -327,7 +327,7 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			return
 		}
 		if !validType() {
-			l.fail(t, senseIllegal, ascInvalidFieldCDB)
+			l.failLocked(t, senseIllegal, ascInvalidFieldCDB)
 			return
 		}
 		switch {
@@ -347,7 +347,7 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			s.Holder, s.Type = &n, typ
 		default:
 			if sakey == 0 {
-				l.fail(t, senseIllegal, ascInvalidFieldParam)
+				l.failLocked(t, senseIllegal, ascInvalidFieldParam)
 				return
 			}
 			if !s.removeKey(sakey, t.Nexus) {
@@ -366,7 +366,7 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 	}
 	if err := l.store.SavePR(ctx, l.info.Name, b); err != nil {
 		_ = s.decode(old)
-		l.fail(t, senseIllegal, ascNoRegResources)
+		l.failLocked(t, senseIllegal, ascNoRegResources)
 	}
 }
 

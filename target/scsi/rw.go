@@ -530,6 +530,9 @@ func (l *LU) readCapacity16(ctx context.Context, dev target.BlockDevice, t *Task
 	var b [32]byte
 	binary.BigEndian.PutUint64(b[0:], uint64(g.Blocks())-1)
 	binary.BigEndian.PutUint32(b[8:], uint32(g.BlockSize))
+	if g.BlockSize == 512 {
+		b[13] = 3 // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical blocks
+	}
 	b[14] = 0x80 | 0x40 // LBPME | LBPRZ
 	alloc := int(binary.BigEndian.Uint32(t.CDB[10:]))
 	t.setIn(b[:min(alloc, len(b))])
@@ -584,4 +587,47 @@ func (l *LU) getLBAStatus(ctx context.Context, dev target.BlockDevice, t *Task) 
 	}
 	t.setIn(out[:min(alloc, len(out))])
 	t.Want = min(alloc, len(out))
+}
+
+// orWrite implements ORWRITE (16) (SBC-3 5.5) without ORWgeneration
+// bookkeeping: under the stripe locks, read, OR the data in, write.
+func (l *LU) orWrite(ctx context.Context, dev target.BlockDevice, t *Task) {
+	r := decodeRW(t.CDB[:16])
+	if r.flags&0xe0 != 0 { // ORPROTECT
+		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+		return
+	}
+	g := dev.Geometry()
+	if !inRange(g, r.lba, r.n) {
+		l.fail(t, senseIllegal, ascLBAOutOfRange)
+		return
+	}
+	if g.ReadOnly {
+		l.fail(t, senseDataProtect, ascWriteProtected)
+		return
+	}
+	bs := int64(g.BlockSize)
+	want := int64(r.n) * bs
+	if want > maxXferBytes {
+		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+		return
+	}
+	p, ok := l.dataOut(t, want)
+	if !ok || want == 0 {
+		return
+	}
+	off := int64(r.lba) * bs
+	cur := make([]byte, want)
+	mask := l.stripe.lock(off, want)
+	defer l.stripe.unlock(mask)
+	if err := dev.ReadAt(ctx, cur, off); err != nil {
+		l.devFail(t, err, false)
+		return
+	}
+	for i := range cur {
+		cur[i] |= p[i]
+	}
+	if err := dev.WriteAt(ctx, cur, off, r.flags&0x08 != 0); err != nil {
+		l.devFail(t, err, true)
+	}
 }

@@ -305,6 +305,12 @@ func (l *LU) failInfo(t *Task, key byte, asc uint16, valid bool, info uint64) {
 	t.SenseLen = buildSense(t.Sense[:], desc, key, asc, valid, info)
 }
 
+// failLocked is fail for callers holding l.mu. REQUIRES: l.mu.
+func (l *LU) failLocked(t *Task, key byte, asc uint16) {
+	t.Status = StatusCheckCondition
+	t.SenseLen = buildSense(t.Sense[:], l.mu.dsense, key, asc, false, 0)
+}
+
 // buildSense writes sense data into b and returns its length (SPC-4 4.5).
 //
 // Fixed format (0x70):
