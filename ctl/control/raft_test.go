@@ -25,9 +25,9 @@ import (
 // Raft timings for tests: short, but long enough that a shared 2-core
 // machine under -race does not hold spurious elections.
 const (
-	testHeartbeat = 100 * time.Millisecond
-	testElection  = 100 * time.Millisecond
-	testLease     = 100 * time.Millisecond
+	testHeartbeat = 150 * time.Millisecond
+	testElection  = 150 * time.Millisecond
+	testLease     = 150 * time.Millisecond
 )
 
 // raftCluster runs control nodes in one process over raft's in-memory
@@ -154,7 +154,7 @@ func (c *raftCluster) form(n int) *Node {
 		if a, ok := c.apis[id]; ok {
 			cmd.Spec.Addr.API = a
 		}
-		propose(c.t, leader, cmd)
+		_, leader = c.propose(cmd)
 	}
 	return leader
 }
@@ -180,6 +180,32 @@ func (c *raftCluster) waitLeader(ids []api.NodeID, limit time.Duration) *Node {
 	}
 	c.t.Fatalf("no leader among %v within %v", ids, limit)
 	return nil
+}
+
+// propose proposes cmd on whichever of ids (all running nodes if none)
+// leads, retrying while leadership moves (a loaded machine holds spurious
+// elections). A register that meets ErrExists after a retry had succeeded.
+func (c *raftCluster) propose(cmd cluster.Command, ids ...api.NodeID) (cluster.Result, *Node) {
+	c.t.Helper()
+	if len(ids) == 0 {
+		ids = c.running()
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for try := 0; ; try++ {
+		leader := c.waitLeader(ids, 10*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		r, err := leader.Propose(ctx, cmd)
+		cancel()
+		switch {
+		case err == nil:
+			return r, leader
+		case try > 0 && cmd.Op == cluster.OpRegister && errors.Is(err, api.ErrExists):
+			return r, leader
+		case time.Now().Before(deadline) && (errors.Is(err, ErrLeadershipLost) || errors.Is(err, ErrNotLeader)):
+			continue
+		}
+		c.t.Fatalf("propose %s on %s: %v", cmd.Op, leader.ID(), err)
+	}
 }
 
 func propose(t *testing.T, n *Node, cmd cluster.Command) cluster.Result {
@@ -299,6 +325,7 @@ func TestRaftFollowerAnswersWithLeader(t *testing.T) {
 	c := newRaftCluster(t)
 	leader := c.form(3)
 	c.waitConverged(leader)
+	leader = c.waitLeader(c.running(), 5*time.Second)
 	var follower *Node
 	for _, id := range c.running() {
 		if id != leader.ID() {
@@ -379,7 +406,7 @@ func TestRaftLeaderFailover(t *testing.T) {
 	for k := 0; k < kills; k++ {
 		for j := 0; j < 3; j++ {
 			name := fmt.Sprintf("v%02d-%d", k, j)
-			propose(t, leader, volumeCmd(name))
+			_, leader = c.propose(volumeCmd(name))
 			committed = append(committed, name)
 		}
 		// The leader vanishes from the network at start (it is closed
@@ -452,8 +479,8 @@ func TestRaftLeaderFailover(t *testing.T) {
 
 func TestRaftFiveVotersTwoDown(t *testing.T) {
 	c := newRaftCluster(t)
-	leader := c.form(5)
-	propose(t, leader, volumeCmd("before"))
+	c.form(5)
+	_, leader := c.propose(volumeCmd("before"))
 	// Take down the leader and one follower.
 	down := []api.NodeID{leader.ID()}
 	for _, id := range c.running() {
@@ -465,8 +492,7 @@ func TestRaftFiveVotersTwoDown(t *testing.T) {
 	for _, id := range down {
 		c.kill(id)
 	}
-	leader = c.waitLeader(c.running(), 5*time.Second)
-	propose(t, leader, volumeCmd("after"))
+	_, leader = c.propose(volumeCmd("after"))
 	c.waitConverged(leader)
 	if got := volumeNames(leader); !slices.Equal(got, []string{"after", "before"}) {
 		t.Fatalf("volumes %v", got)
@@ -478,8 +504,8 @@ func TestRaftFiveVotersTwoDown(t *testing.T) {
 // old leader follows and holds none of its refused writes.
 func TestRaftPartitionedLeaderCannotCommit(t *testing.T) {
 	c := newRaftCluster(t)
-	old := c.form(3)
-	propose(t, old, volumeCmd("before"))
+	c.form(3)
+	_, old := c.propose(volumeCmd("before"))
 	c.waitConverged(old)
 	c.cut(old.ID())
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -499,8 +525,7 @@ func TestRaftPartitionedLeaderCannotCommit(t *testing.T) {
 			rest = append(rest, id)
 		}
 	}
-	leader := c.waitLeader(rest, 5*time.Second)
-	propose(t, leader, volumeCmd("majority"))
+	_, leader := c.propose(volumeCmd("majority"), rest...)
 	if _, err := old.Propose(context.Background(), volumeCmd("lost2")); !errors.Is(err, ErrNotLeader) {
 		t.Fatalf("cut-off old leader: %v", err)
 	}
