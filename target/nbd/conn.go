@@ -26,6 +26,10 @@ const (
 	// drainGrace bounds how long Close waits for a client that does not
 	// read its replies.
 	drainGrace = 5 * time.Second
+	// bigRequest is the payload length above which a READ or WRITE counts
+	// against maxBigInFlight.
+	bigRequest     = keepBuf - hdrRoom
+	maxBigInFlight = 64 << 20
 	// maxCoalesce is the largest reply copied into the queue of a busy
 	// connection; larger replies wait to be written on their own.
 	maxCoalesce = 32 << 10
@@ -64,6 +68,15 @@ type conn struct {
 	nslots  int        // slots made so far; owned by the reader
 	workers sync.WaitGroup
 
+	// big bounds the memory of large requests in flight: small ones are
+	// bounded by MaxInFlight*keepBuf, but 64 pipelined 32 MiB writes
+	// would be 2 GiB.
+	big struct {
+		sync.Mutex
+		freed sync.Cond
+		bytes int64 // REQUIRES: c.big
+	}
+
 	mu struct {
 		sync.Mutex
 		closing bool
@@ -74,6 +87,7 @@ type conn struct {
 type slot struct {
 	req request
 	pre uint32 // error value the reader already decided on (writes)
+	big int64  // bytes of c.big this request holds
 	buf []byte // hdrRoom bytes of reply header room, then the payload
 	msg [256]byte
 }
@@ -90,6 +104,7 @@ func (sl *slot) payload(n int) []byte {
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
 	c.wmu.idle.L = &c.wmu.Mutex
+	c.big.freed.L = &c.big.Mutex
 	return c
 }
 
@@ -193,6 +208,10 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 		}
 		sl := c.slot()
 		sl.req, sl.pre = req, 0
+		if (req.Type == cmdRead || req.Type == cmdWrite) && req.Length > bigRequest && req.Length <= MaxPayload {
+			sl.big = int64(req.Length)
+			c.acquireBig(sl.big)
+		}
 		if req.Type == cmdWrite {
 			// Judge the write before taking its payload: a refused
 			// payload is skipped, not buffered.
@@ -202,6 +221,7 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 				_, err = io.ReadFull(br, sl.payload(int(req.Length)))
 			}
 			if err != nil {
+				c.releaseBig(sl)
 				c.free <- sl
 				return err
 			}
@@ -234,8 +254,33 @@ func (c *conn) worker() {
 		if cap(sl.buf) > keepBuf {
 			sl.buf = nil
 		}
+		c.releaseBig(sl)
 		c.free <- sl
 	}
+}
+
+// acquireBig waits until n more bytes of large request buffers fit in
+// maxBigInFlight (a lone request always fits), then takes them. Called by
+// the reader only.
+func (c *conn) acquireBig(n int64) {
+	c.big.Lock()
+	for c.big.bytes > 0 && c.big.bytes+n > maxBigInFlight {
+		c.big.freed.Wait()
+	}
+	c.big.bytes += n
+	c.big.Unlock()
+}
+
+// releaseBig returns the large-buffer bytes a slot held, if any.
+func (c *conn) releaseBig(sl *slot) {
+	if sl.big == 0 {
+		return
+	}
+	c.big.Lock()
+	c.big.bytes -= sl.big
+	c.big.freed.Signal()
+	c.big.Unlock()
+	sl.big = 0
 }
 
 // send writes one whole reply. Replies coalesce: while one worker is in a
@@ -301,6 +346,10 @@ func (c *conn) handle(sl *slot) {
 		err := s.dev.WriteAt(background, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), r.Flags&cmdFlagFUA != 0)
 		c.reply(sl, classWrite, err)
 	case cmdFlush:
+		if r.Flags&^cmdFlagFUA != 0 {
+			c.replyErr(sl, errnoInval, nil)
+			return
+		}
 		c.reply(sl, classRead, s.dev.Flush(background))
 	case cmdTrim:
 		if e := c.check(r, cmdFlagFUA, classRead, true); e != 0 {

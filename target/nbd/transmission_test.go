@@ -217,6 +217,7 @@ func TestErrorValues(t *testing.T) {
 		{"unknown command", "rw", 0, 99, 0, 0, false, errnoInval},
 		{"resize is not offered", "rw", 0, 8, 0, 0, false, errnoInval},
 		{"unknown flag", "rw", 1 << 9, cmdRead, 0, 512, false, errnoInval},
+		{"unknown flag on flush", "rw", cmdFlagNoHole, cmdFlush, 0, 0, false, errnoInval},
 		{"NO_HOLE on write", "rw", cmdFlagNoHole, cmdWrite, 0, 512, true, errnoInval},
 		{"FAST_ZERO on trim", "rw", cmdFlagFastZero, cmdTrim, 0, 512, false, errnoInval},
 		{"DF without structured replies", "rw", cmdFlagDF, cmdRead, 0, 512, false, errnoInval},
@@ -580,4 +581,27 @@ func TestNoGoroutineLeft(t *testing.T) {
 	eventually(t, 10*time.Second, "goroutines back to the baseline", func() bool {
 		return runtime.NumGoroutine() <= before
 	})
+}
+
+// TestLargeRequestsBounded pipelines more 4 MiB writes than the large-buffer
+// budget holds; they all complete (the reader waits, it does not fail).
+func TestLargeRequestsBounded(t *testing.T) {
+	const n, size = 40, 4 << 20 // 160 MiB of payload > maxBigInFlight
+	cat, _ := memCatalog("v", target.Geometry{Size: 16 << 20, BlockSize: 4096})
+	ts := startServer(t, cat, Config{})
+	c := connect(t, ts.addr, "v", false)
+	payload := bytes.Repeat([]byte{7}, size)
+	go func() {
+		for i := range n {
+			b := appendRequest(nil, request{Type: cmdWrite, Cookie: uint64(i), Offset: uint64(i%4) * size, Length: size})
+			if _, err := c.nc.Write(append(b, payload...)); err != nil {
+				return
+			}
+		}
+	}()
+	for range n {
+		if e, cookie := c.simpleReply(); e != 0 {
+			t.Fatalf("write %d: errno %d", cookie, e)
+		}
+	}
 }
