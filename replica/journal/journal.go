@@ -531,8 +531,9 @@ func (j *Journal) poison(err error) error {
 
 // Append writes r as the next record of the journal with a single write
 // call, and returns the position of its data. It does not fsync (see Sync).
-// r.OpNum must exceed every opnum appended before (ErrOpNum); r is checked
-// against the format rules (ErrInvalid). The journal does not keep r.
+// r.OpNum must exceed every opnum appended before, and 0 (ErrOpNum); r is
+// checked against the format rules (ErrInvalid). The journal does not keep
+// r. A failed Append appends nothing; see the package doc for ErrFailed.
 func (j *Journal) Append(r *Record) (Pos, error) {
 	if err := checkRecord(r); err != nil {
 		return Pos{}, err

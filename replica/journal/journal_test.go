@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"syscall"
@@ -356,6 +357,30 @@ func TestConcurrent(t *testing.T) {
 			}
 		}()
 	}
+	// A replayer walks the journal while it grows and shrinks.
+	rwg.Add(1)
+	go func() {
+		defer rwg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			var prev uint64
+			err := j.Replay(0, func(r *Record, _ Pos) error {
+				if r.OpNum <= prev || r.Kind != KindWrite || int64(len(r.Data)) != r.Len {
+					return fmt.Errorf("replay: %s after op %d", fmtRecord(r), prev)
+				}
+				prev = r.OpNum
+				return nil
+			})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
 	// A remover drops the oldest sealed segment now and then.
 	rwg.Add(1)
 	go func() {
