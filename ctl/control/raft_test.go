@@ -24,11 +24,19 @@ import (
 
 // Raft timings for tests: short, but long enough that a shared 2-core
 // machine under -race does not hold spurious elections.
-const (
-	testHeartbeat = 150 * time.Millisecond
-	testElection  = 150 * time.Millisecond
-	testLease     = 150 * time.Millisecond
+// STOR_RAFT_TIMEOUT (a duration) sets all three, for measuring failover.
+var (
+	testHeartbeat = envDuration("STOR_RAFT_TIMEOUT", 150*time.Millisecond)
+	testElection  = testHeartbeat
+	testLease     = testHeartbeat
 )
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if d, err := time.ParseDuration(os.Getenv(name)); err == nil && d > 0 {
+		return d
+	}
+	return def
+}
 
 // raftCluster runs control nodes in one process over raft's in-memory
 // transport. Killing a node disconnects its transport both ways and closes
