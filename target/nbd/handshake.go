@@ -242,6 +242,9 @@ func (c *conn) optInfo(n *negotiation, bw *bufio.Writer, opt uint32, data []byte
 // the only one, if the catalog holds exactly one) and builds the session
 // transmission would use.
 func (c *conn) open(n *negotiation, name string) (*session, error) {
+	// Meta contexts apply when SET_META_CONTEXT named the export the same
+	// way the client names it now.
+	meta := n.structured && n.metaSet && n.metaSelected && n.metaExport == name
 	if name == "" {
 		if ex, err := c.s.cfg.Catalog.List(background); err == nil && len(ex) == 1 {
 			name = ex[0].Name
@@ -260,7 +263,7 @@ func (c *conn) open(n *negotiation, name string) (*session, error) {
 		name:       name,
 		geo:        geo,
 		structured: n.structured,
-		meta:       n.structured && n.metaSet && n.metaSelected && n.metaExport == name,
+		meta:       meta,
 		flags:      transmissionFlags(geo, n.structured),
 	}, nil
 }

@@ -186,10 +186,19 @@ func TestOptGo_DefaultExportWhenOnlyOne(t *testing.T) {
 	ts := startServer(t, cat, Config{})
 	c := dial(t, ts.addr)
 	c.greet(clientFixedNewstyle)
+	c.option(optStructuredReply, nil)
+	c.expectReply(optStructuredReply, repAck)
+	c.option(optSetMetaContext, metaData("", metaAllocation))
+	c.expectReply(optSetMetaContext, repMetaContext)
+	c.expectReply(optSetMetaContext, repAck)
 	c.option(optGo, goData("", infoName))
 	infos, fin := c.infoReplies(optGo)
 	if fin.typ != repAck || string(infos[infoName]) != "only" {
 		t.Fatalf("default export: %#x name %q", fin.typ, infos[infoName])
+	}
+	c.request(0, cmdBlockStatus, 1, 0, 4096, nil)
+	if r := c.chunkOrSimple(); r.typ != replyBlockStatus {
+		t.Fatalf("block status on the default export: %+v", r)
 	}
 }
 
