@@ -166,3 +166,23 @@ func TestNbdcopyRoundTrip(t *testing.T) {
 		t.Fatalf("nbdcopy with 4 connections: checksums differ (err %v)", err)
 	}
 }
+
+func TestQemuImgConvertCompare(t *testing.T) {
+	needTool(t, "qemu-img")
+	cat, _ := memCatalog("vol1", target.Geometry{Size: 16 << 20, BlockSize: 4096})
+	ts := startServer(t, cat, Config{})
+	src := filepath.Join(t.TempDir(), "src.img")
+	img := make([]byte, 16<<20)
+	copy(img[1<<20:], bytes.Repeat([]byte("qemu"), 256<<10))
+	copy(img[9<<20:], bytes.Repeat([]byte{0x11}, 4096))
+	if err := os.WriteFile(src, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	url := "nbd://" + ts.addr + "/vol1"
+	runTool(t, "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, url)
+	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, url)
+	out := runTool(t, "qemu-img", "map", "--output=json", "-f", "raw", url)
+	if !strings.Contains(out, `"start": 1048576, "length": 1048576, "depth": 0, "present": true, "zero": false, "data": true`) {
+		t.Errorf("qemu-img map:\n%s", out)
+	}
+}
