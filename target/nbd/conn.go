@@ -426,7 +426,10 @@ func (c *conn) read(sl *slot) {
 		return
 	}
 	if n == 0 {
-		c.reply(sl, classRead, nil)
+		// Never a simple reply to a READ once structured replies are on.
+		b := sl.msg[:structuredReplySize]
+		putChunk(b, replyFlagDone, replyNone, r.Cookie, 0)
+		c.send(b)
 		return
 	}
 	// One OFFSET_DATA chunk, final: the data is in hand, no error can

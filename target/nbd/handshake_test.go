@@ -327,6 +327,10 @@ func TestExtendedHeaders_RefusedCleanly(t *testing.T) {
 	c.option(optStructuredReply, nil)
 	c.expectReply(optStructuredReply, repAck)
 	c.goExport("vol1")
+	c.request(0, cmdRead, 4, 0, 0, nil)
+	if r := c.chunkOrSimple(); r.simple || r.typ != replyNone || r.flags != replyFlagDone || r.cookie != 4 {
+		t.Fatalf("zero-length structured read: %+v", r)
+	}
 	c.request(0, cmdRead, 3, 512, 512, nil)
 	r := c.chunkOrSimple()
 	if r.typ != replyOffsetData || r.flags != replyFlagDone || len(r.data) != 8+512 ||
