@@ -124,12 +124,13 @@ func (c *conn) closing() bool {
 	return c.mu.closing
 }
 
-// setReadDeadline sets the read deadline unless shutdown already set it.
-func (c *conn) setReadDeadline(t time.Time) {
+// setDeadline sets the read and write deadlines unless shutdown already set
+// them.
+func (c *conn) setDeadline(t time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !c.mu.closing {
-		c.nc.SetReadDeadline(t)
+		c.nc.SetDeadline(t)
 	}
 }
 
@@ -139,7 +140,7 @@ func (c *conn) serve() {
 	log := c.s.log.With("remote", c.remote)
 	defer c.nc.Close()
 
-	c.setReadDeadline(start.Add(c.s.cfg.HandshakeTimeout))
+	c.setDeadline(start.Add(c.s.cfg.HandshakeTimeout))
 	br := bufio.NewReaderSize(c.nc, readBufSize)
 	sess, err := c.negotiate(br, bufio.NewWriterSize(c.nc, 4096))
 	if err != nil {
@@ -154,7 +155,7 @@ func (c *conn) serve() {
 		}
 		return
 	}
-	c.setReadDeadline(time.Time{})
+	c.setDeadline(time.Time{})
 	c.sess = sess
 	c.mapper, _ = sess.dev.(target.Mapper)
 	log = log.With("export", sess.name)
@@ -202,8 +203,8 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 			return nil
 		}
 		if req.Type == cmdWrite && req.Length > MaxPayload {
-			// The payload cannot be skipped safely at any size; the spec
-			// lets the server hang up on a payload it did not advertise.
+			// Over the advertised maximum payload: the spec lets the
+			// server hang up rather than read it ("Size constraints").
 			return fmt.Errorf("%w: write payload of %d bytes", ErrProtocol, req.Length)
 		}
 		sl := c.slot()

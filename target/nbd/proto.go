@@ -193,7 +193,7 @@ type request struct {
 
 // errBadMagic reports a request that does not start with NBD_REQUEST_MAGIC;
 // the stream cannot be resynchronised and the connection is dropped.
-var errBadMagic = errors.New("nbd: bad request magic")
+var errBadMagic = fmt.Errorf("%w: bad request magic", ErrProtocol)
 
 // parseRequest decodes a request header. It checks only the magic; the
 // command, flags and range are judged by the caller, which answers EINVAL.

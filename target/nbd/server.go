@@ -40,7 +40,8 @@ type Config struct {
 	// MaxInFlight bounds the requests one connection executes at once;
 	// the connection stops reading requests while it is full. Default 64.
 	MaxInFlight int
-	// HandshakeTimeout bounds option haggling. Default 30s.
+	// HandshakeTimeout bounds option haggling, from accept to the start of
+	// transmission. Default 30s.
 	HandshakeTimeout time.Duration
 }
 
