@@ -508,6 +508,20 @@ func TestGroupCommitRounds(t *testing.T) {
 		t.Fatalf("SyncedOpNum %d", j.SyncedOpNum())
 	}
 	cfs.gate = nil
+	// A cancelled caller does not start a round either.
+	if _, err := a.append(&Record{Kind: KindMeta}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Sync(ctx); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Sync with a cancelled ctx: %v", err)
+	}
+	if n := cfs.syncs.Load() - base; n != 2 {
+		t.Fatalf("%d fsyncs after a cancelled Sync, want 2", n)
+	}
+	if err := j.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	base++
 	// Nothing new appended: Sync needs no fsync.
 	if err := j.Sync(context.Background()); err != nil {
 		t.Fatal(err)

@@ -10,9 +10,10 @@ import (
 // called is durable, and with it the tails of segments sealed since the last
 // Sync. Concurrent callers share rounds of fsyncs: one round is in flight at
 // a time, and callers that arrive during it are covered together by the next
-// round. A caller whose ctx ends stops waiting (the round goes on); the
-// caller running a round finishes it regardless of ctx. An fsync error
-// poisons the journal (ErrFailed).
+// round. A caller whose ctx ends stops waiting and returns ctx.Err() (the
+// round in flight goes on); an ended ctx never starts a round; the caller
+// running a round finishes it regardless of ctx. An fsync error poisons the
+// journal (ErrFailed).
 func (j *Journal) Sync(ctx context.Context) error {
 	if j.closed.Load() {
 		return ErrClosed
@@ -39,6 +40,10 @@ func (j *Journal) syncTo(ctx context.Context, target uint64) error {
 			return nil
 		}
 		if !c.running {
+			if ctx != nil && ctx.Err() != nil {
+				c.Unlock()
+				return ctx.Err()
+			}
 			c.running = true
 			c.Unlock()
 			op, err := j.syncRound()
