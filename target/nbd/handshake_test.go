@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"strings"
+	"time"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -111,7 +112,7 @@ func TestOptExportName_UnknownExportHangsUp(t *testing.T) {
 	c.greet(clientFixedNewstyle)
 	c.option(optExportName, []byte("nope"))
 	c.expectEOF()
-	eventually(t, 10e9, "handshake failure counted", func() bool {
+	eventually(t, 10*time.Second, "handshake failure counted", func() bool {
 		return metricValue(ts.metrics.handshakeFailures) == 1
 	})
 }
@@ -141,12 +142,12 @@ func TestOptInfo_ThenGo(t *testing.T) {
 	}
 	// Still haggling: GO works afterwards.
 	c.goExport("vol1")
-	eventually(t, 10e9, "device opened", func() bool {
+	eventually(t, 10*time.Second, "device opened", func() bool {
 		return ts.cat.(interface{ Opened(string) int }).Opened("vol1") == 1
 	})
 	c.request(0, cmdDisc, 1, 0, 0, nil)
 	c.expectEOF()
-	eventually(t, 10e9, "device closed after NBD_CMD_DISC", func() bool {
+	eventually(t, 10*time.Second, "device closed after NBD_CMD_DISC", func() bool {
 		return ts.cat.(interface{ Opened(string) int }).Opened("vol1") == 0
 	})
 }
@@ -233,7 +234,7 @@ func TestOptAbort(t *testing.T) {
 	c.option(optAbort, []byte("ignored"))
 	c.expectReply(optAbort, repAck)
 	c.expectEOF()
-	eventually(t, 10e9, "connection gone", func() bool { return ts.Connections() == 0 })
+	eventually(t, 10*time.Second, "connection gone", func() bool { return ts.Connections() == 0 })
 	if n := metricValue(ts.metrics.handshakeFailures); n != 0 {
 		t.Errorf("abort counted as handshake failure (%v)", n)
 	}
@@ -366,12 +367,12 @@ func TestMetrics(t *testing.T) {
 	// A second server on the same registry shares the collectors.
 	NewServer(Config{Catalog: cat, Registerer: reg}).Close()
 	c := connect(t, ts.addr, "vol1", false)
-	eventually(t, 10e9, "one connection", func() bool { return ts.Connections() == 1 })
+	eventually(t, 10*time.Second, "one connection", func() bool { return ts.Connections() == 1 })
 	if n := metricValue(ts.metrics.connections); n != 1 {
 		t.Errorf("connections gauge %v", n)
 	}
 	c.request(0, cmdDisc, 0, 0, 0, nil)
-	eventually(t, 10e9, "no connection", func() bool { return ts.Connections() == 0 })
+	eventually(t, 10*time.Second, "no connection", func() bool { return ts.Connections() == 0 })
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)
@@ -398,4 +399,23 @@ func metricValue(m prometheus.Metric) float64 {
 		return g.GetValue()
 	}
 	return pb.GetCounter().GetValue()
+}
+
+func TestHandshakeTimeout(t *testing.T) {
+	cat, _ := memCatalog("vol1", target.Geometry{Size: 1 << 20, BlockSize: 512})
+	ts := startServer(t, cat, Config{HandshakeTimeout: 100 * time.Millisecond})
+	c := dial(t, ts.addr)
+	c.greet(clientFixedNewstyle) // then says nothing
+	c.expectEOF()
+	eventually(t, 10*time.Second, "connection gone", func() bool { return ts.Connections() == 0 })
+	// A client that got to transmission is not timed out.
+	d := connect(t, ts.addr, "vol1", false)
+	attached := time.Now()
+	eventually(t, 10*time.Second, "the handshake timeout to pass", func() bool {
+		return time.Since(attached) > 300*time.Millisecond
+	})
+	d.request(0, cmdFlush, 1, 0, 0, nil)
+	if e, _ := d.simpleReply(); e != 0 {
+		t.Fatalf("flush after idle: errno %d", e)
+	}
 }
