@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"strings"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
