@@ -68,7 +68,7 @@ const (
 	segSuffix   = ".log"
 	tmpSuffix   = ".tmp"
 	scanBufSize = 1 << 20
-	keepBufSize = 4 << 20 // Append keeps a buffer up to this size for reuse
+	keepBufSize = 1 << 20 // Append keeps a buffer up to this size for reuse
 )
 
 // segment is one segment file. f is immutable; the file is closed when the
