@@ -247,7 +247,10 @@ func (l *LU) vpd(dev target.BlockDevice, code byte) []byte {
 		return page(body)
 	case 0xb2: // logical block provisioning
 		body := make([]byte, 4)
-		body[1] = 0x80 | 0x40 | 0x20 | 0x04 // LBPU, LBPWS, LBPWS10, LBPRZ
+		body[1] = 0x80 | 0x40 | 0x20 // LBPU, LBPWS, LBPWS10
+		if lbprz(dev.Geometry()) {
+			body[1] |= 0x04 // LBPRZ
+		}
 		body[2] = 0x02                      // thin provisioned
 		return page(body)
 	}

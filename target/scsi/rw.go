@@ -533,7 +533,10 @@ func (l *LU) readCapacity16(ctx context.Context, dev target.BlockDevice, t *Task
 	if g.BlockSize == 512 {
 		b[13] = 3 // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT: 4 KiB physical blocks
 	}
-	b[14] = 0x80 | 0x40 // LBPME | LBPRZ
+	b[14] = 0x80 // LBPME
+	if lbprz(g) {
+		b[14] |= 0x40
+	}
 	alloc := int(binary.BigEndian.Uint32(t.CDB[10:]))
 	t.setIn(b[:min(alloc, len(b))])
 }
@@ -631,3 +634,10 @@ func (l *LU) orWrite(ctx context.Context, dev target.BlockDevice, t *Task) {
 		l.devFail(t, err, true)
 	}
 }
+
+// lbprz reports whether LBPRZ is announced. Trimmed blocks always read as
+// zeros, but QEMU 7.2's iscsi driver (Debian 12) asserts on 4096-byte-block
+// LUNs with LBPRZ set: its read path asks for block status over
+// BDRV_REQUEST_MAX_BYTES, which is not a multiple of 4096
+// (block/iscsi.c iscsi_co_readv). So 4 KiB LUNs do not announce it.
+func lbprz(g target.Geometry) bool { return g.BlockSize == 512 }
