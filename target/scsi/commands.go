@@ -251,7 +251,7 @@ func (l *LU) vpd(dev target.BlockDevice, code byte) []byte {
 		if lbprz(dev.Geometry()) {
 			body[1] |= 0x04 // LBPRZ
 		}
-		body[2] = 0x02                      // thin provisioned
+		body[2] = 0x02 // thin provisioned
 		return page(body)
 	}
 	return nil
