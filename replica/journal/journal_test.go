@@ -669,3 +669,51 @@ func TestWriteError(t *testing.T) {
 		})
 	}
 }
+
+// TestCloseWhileReading: reads racing Close finish or return ErrClosed.
+func TestCloseWhileReading(t *testing.T) {
+	j := openT(t, vfs.NewMem(), "j", Options{SegmentSize: 4 << 10})
+	var poss []Pos
+	for op := uint64(1); op <= 50; op++ {
+		p, err := j.Append(&Record{Kind: KindWrite, OpNum: op, Len: 1024, Data: make([]byte, 1024)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		poss = append(poss, p)
+	}
+	var wg sync.WaitGroup
+	for r := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, 1024)
+			for i := r; ; i++ {
+				err := j.ReadAt(buf, poss[i%len(poss)])
+				if errors.Is(err, ErrClosed) {
+					return
+				}
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if i%7 == 0 {
+					err := j.Replay(uint64(i%50), func(*Record, Pos) error { return nil })
+					if errors.Is(err, ErrClosed) {
+						return
+					}
+					if err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}
+		}()
+	}
+	if err := j.Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+}
