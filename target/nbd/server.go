@@ -15,15 +15,9 @@ import (
 	"stor.dev/stor/target"
 )
 
-// Errors of the server.
-var (
-	// ErrServerClosed is returned by a connection's handshake when the
-	// server shuts down; Serve itself returns nil after Close.
-	ErrServerClosed = errors.New("nbd: server closed")
-	// ErrProtocol reports a client that broke the protocol; its connection
-	// is dropped.
-	ErrProtocol = errors.New("nbd: protocol violation")
-)
+// ErrProtocol reports a client that broke the protocol; its connection is
+// dropped. It appears in the connection's log line.
+var ErrProtocol = errors.New("nbd: protocol violation")
 
 // Config configures a Server. Catalog is required; zero values of the other
 // fields take defaults.
