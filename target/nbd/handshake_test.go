@@ -419,3 +419,25 @@ func TestHandshakeTimeout(t *testing.T) {
 		t.Fatalf("flush after idle: errno %d", e)
 	}
 }
+
+func TestOptInfo_DescriptionAndList(t *testing.T) {
+	cat := newDevCatalog()
+	cat.add("v", blockdevtest.NewMemory(target.Geometry{Size: 1 << 20, BlockSize: 4096}))
+	ts := startServer(t, cat, Config{})
+	c := dial(t, ts.addr)
+	c.greet(clientFixedNewstyle)
+	c.option(optInfo, goData("v", infoDescription))
+	infos, fin := c.infoReplies(optInfo)
+	if fin.typ != repAck || string(infos[infoDescription]) != "device v" {
+		t.Fatalf("NBD_INFO_DESCRIPTION %q (final %#x)", infos[infoDescription], fin.typ)
+	}
+	if bs := infos[infoBlockSize]; binary.BigEndian.Uint32(bs) != 4096 || binary.BigEndian.Uint32(bs[4:]) != 4096 {
+		t.Errorf("block sizes %x for a 4096-byte device", bs)
+	}
+	c.option(optList, nil)
+	r := c.expectReply(optList, repServer)
+	if n := binary.BigEndian.Uint32(r.data); string(r.data[4:4+n]) != "v" || string(r.data[4+n:]) != "device v" {
+		t.Errorf("NBD_REP_SERVER %q", r.data)
+	}
+	c.expectReply(optList, repAck)
+}
