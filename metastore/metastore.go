@@ -128,7 +128,7 @@ func Open(dir string, o Options) (*DB, error) {
 		o.FS = vfs.Default
 	}
 	if o.CacheSize == 0 {
-		o.CacheSize = 32 << 20
+		o.CacheSize = 128 << 20
 	}
 	cache := pebble.NewCache(o.CacheSize)
 	el := &pebble.EventListener{}

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -11,7 +12,7 @@ import (
 )
 
 // maxShard bounds the bytes one flush writes into one shard.
-const maxShard = 32 << 20
+const maxShard = 8 << 20
 
 // FlushResult says what one Flush did.
 type FlushResult struct {
@@ -41,46 +42,65 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 		}
 	}
 
-	// Which containers to empty.
-	evacuate := make(map[container]bool)
-	p.mu.Lock()
+	// Sealed journal segments: walk their records (a sequential read that
+	// brings the data along) and keep the pieces the map still points at.
+	b := &shardBuilder{p: p, res: &res}
 	for _, s := range segs {
-		c := container{metastore.InJournal, s.ID}
-		if !s.Active && p.mu.live[c] > 0 {
-			evacuate[c] = true
+		p.mu.Lock()
+		live := p.mu.live[container{metastore.InJournal, s.ID}]
+		p.mu.Unlock()
+		if s.Active || live == 0 || s.Records == 0 {
+			continue
+		}
+		err := p.j.Replay(s.FirstOp-1, func(r *journal.Record, pos journal.Pos) error {
+			if r.OpNum > s.LastOp {
+				return errStopReplay
+			}
+			if r.Kind != journal.KindWrite || pos.Seg != s.ID {
+				return nil
+			}
+			return p.meta.Lookup(p.pkey, r.Off, r.Len, func(e metastore.Extent) error {
+				if e.Kind != metastore.KindData || e.Where != metastore.InJournal || e.Container != s.ID || e.Op != r.OpNum {
+					return nil
+				}
+				return b.add(ctx, e, r.Data[e.COff-pos.Off:e.COff-pos.Off+e.Len])
+			})
+		})
+		if err != nil && !errors.Is(err, errStopReplay) {
+			return res, mapErr(fmt.Errorf("replica: partition %016x flush segment %d: %w", p.pkey, s.ID, err))
 		}
 	}
+
+	// Shards that are mostly dead: rewrite their live pieces (rare; scans
+	// the map).
+	sparse := make(map[uint64]bool)
+	p.mu.Lock()
 	for seq, size := range p.mu.shardSz {
-		c := container{metastore.InObject, seq}
-		if live := p.mu.live[c]; live > 0 && live*4 < size {
-			evacuate[c] = true
+		if live := p.mu.live[container{metastore.InObject, seq}]; live > 0 && live*4 < size {
+			sparse[seq] = true
 		}
 	}
 	p.mu.Unlock()
-
-	if len(evacuate) > 0 {
-		var batch []metastore.Extent
-		var batchBytes int64
+	if len(sparse) > 0 {
 		err := p.meta.Scan(p.pkey, func(e metastore.Extent) error {
-			if e.Kind != metastore.KindData || !evacuate[container{e.Where, e.Container}] {
+			if e.Kind != metastore.KindData || e.Where != metastore.InObject || !sparse[e.Container] {
 				return nil
 			}
-			if batchBytes+e.Len > maxShard && len(batch) > 0 {
-				if err := p.moveBatch(ctx, batch, batchBytes, &res); err != nil {
-					return err
-				}
-				batch, batchBytes = batch[:0], 0
+			data := make([]byte, e.Len)
+			p.gc.RLock()
+			err := p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
+			p.gc.RUnlock()
+			if err != nil {
+				return err
 			}
-			batch = append(batch, e)
-			batchBytes += e.Len
-			return nil
+			return b.add(ctx, e, data)
 		})
-		if err == nil && len(batch) > 0 {
-			err = p.moveBatch(ctx, batch, batchBytes, &res)
-		}
 		if err != nil {
-			return res, err
+			return res, mapErr(fmt.Errorf("replica: partition %016x compact shards: %w", p.pkey, err))
 		}
+	}
+	if err := b.finish(ctx); err != nil {
+		return res, err
 	}
 
 	// Make the map and journal durable, then reclaim what is provably dead.
@@ -99,41 +119,49 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	return res, nil
 }
 
-// moveBatch copies the extents into one new shard and records the move.
-func (p *Partition) moveBatch(ctx context.Context, batch []metastore.Extent, size int64, res *FlushResult) error {
-	data := make([]byte, size)
-	rel := &relocation{size: size, moves: make([]move, len(batch))}
-	var at int64
-	p.gc.RLock()
-	for i, e := range batch {
-		dst := data[at : at+e.Len]
-		var err error
-		if e.Where == metastore.InJournal {
-			err = p.j.ReadAt(dst, journal.Pos{Seg: e.Container, Off: e.COff})
-		} else {
-			err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, dst, e.COff)
-		}
-		if err != nil {
-			p.gc.RUnlock()
-			return mapErr(fmt.Errorf("replica: partition %016x flush read: %w", p.pkey, err))
-		}
-		rel.moves[i] = move{old: e, coff: at}
-		at += e.Len
-	}
-	p.gc.RUnlock()
+var errStopReplay = errors.New("replica: stop replay")
 
+// shardBuilder packs live extents into shards of at most maxShard bytes and
+// records each shard's moves as one op.
+type shardBuilder struct {
+	p    *Partition
+	res  *FlushResult
+	data []byte
+	rel  relocation
+}
+
+func (b *shardBuilder) add(ctx context.Context, e metastore.Extent, data []byte) error {
+	if len(b.data) > 0 && int64(len(b.data))+e.Len > maxShard {
+		if err := b.finish(ctx); err != nil {
+			return err
+		}
+	}
+	b.rel.moves = append(b.rel.moves, move{old: e, coff: int64(len(b.data))})
+	b.data = append(b.data, data...)
+	return nil
+}
+
+// finish writes the shard built so far and records its moves.
+func (b *shardBuilder) finish(ctx context.Context) error {
+	if len(b.rel.moves) == 0 {
+		return nil
+	}
+	p := b.p
 	p.mu.Lock()
-	rel.seq = p.mu.nextSeq
+	b.rel.seq = p.mu.nextSeq
 	p.mu.nextSeq++
 	p.mu.Unlock()
-	if err := p.store.Put(ctx, erasure.ShardID{PKey: p.pkey, Seq: rel.seq}, data); err != nil {
+	b.rel.size = int64(len(b.data))
+	if err := p.store.Put(ctx, erasure.ShardID{PKey: p.pkey, Seq: b.rel.seq}, b.data); err != nil {
 		return mapErr(fmt.Errorf("replica: partition %016x flush: %w", p.pkey, err))
 	}
-	if err := p.op(&journal.Record{Kind: journal.KindMeta, Aux: rel.encode()}); err != nil {
+	if err := p.op(&journal.Record{Kind: journal.KindMeta, Aux: b.rel.encode()}); err != nil {
 		return err
 	}
-	res.Moved += size
-	res.Shards++
+	b.res.Moved += b.rel.size
+	b.res.Shards++
+	b.data = b.data[:0]
+	b.rel.moves = b.rel.moves[:0]
 	return nil
 }
 

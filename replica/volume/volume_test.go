@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"log/slog"
 	"math/rand"
 	"sync/atomic"
 	"testing"
@@ -17,7 +19,7 @@ import (
 
 func openManager(t testing.TB, fs vfs.FS, dir string) *Manager {
 	t.Helper()
-	m, err := OpenManager(context.Background(), Config{Dir: dir, FS: fs})
+	m, err := OpenManager(context.Background(), Config{Dir: dir, FS: fs, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
