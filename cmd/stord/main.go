@@ -35,6 +35,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.AddCommand(devCommand(stdout, stderr))
+	root.AddCommand(runCommand(stdout, stderr))
 	root.AddCommand(&cobra.Command{
 		Use:   "version",
 		Short: "print the version",

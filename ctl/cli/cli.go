@@ -10,6 +10,11 @@
 //	volume chap NAME --user U --secret S [--mutual-user U --mutual-secret S] | --disable
 //	                 (--secret-file F, --mutual-secret-file F read a secret from a file)
 //	status
+//	cluster status                            leader, voters, term, commit index, health (cluster.go)
+//	node list | show ID | drain ID | undrain ID | remove ID
+//	grant list [--node ID] [--volume NAME]
+//
+// On a cluster, volume show also prints the placement of every partition.
 //
 // Rules:
 //   - The API is --api, else $STOR_API, else http://127.0.0.1:7480.
@@ -185,6 +190,7 @@ Exit codes: 0 ok, 1 the operation failed, 2 the command line is wrong.`,
 	}
 	vol.AddCommand(a.createCommand(), a.listCommand(), a.showCommand(), a.resizeCommand(), a.deleteCommand(), a.chapCommand())
 	root.AddCommand(vol, a.statusCommand())
+	root.AddCommand(a.clusterCommands()...)
 	return root
 }
 
@@ -375,7 +381,7 @@ func (a *app) showCommand() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		return a.printVolume(v)
+		return a.showPlaced(ctx, v)
 	})
 	return cmd
 }

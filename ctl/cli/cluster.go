@@ -1,0 +1,366 @@
+package cli
+
+// Cluster commands:
+//
+//	cluster status                          the asked node's view: leader, voters, term, commit index, health
+//	node list
+//	node show ID
+//	node drain ID | undrain ID | remove ID  remove: leaves the map and the raft group
+//	grant list [--node ID] [--volume NAME]
+//
+// They speak ctl/control's cluster routes; against `stord dev` (no cluster
+// routes) they fail with the server's "not found".
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/ctl/client"
+	"stor.dev/stor/ctl/cluster"
+)
+
+// clusterCommands returns the top-level cluster, node and grant commands.
+func (a *app) clusterCommands() []*cobra.Command {
+	group := func(use, short string, subs ...*cobra.Command) *cobra.Command {
+		c := &cobra.Command{
+			Use:   use,
+			Short: short,
+			Args:  unknownSubcommand,
+			RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
+		}
+		c.AddCommand(subs...)
+		return c
+	}
+	return []*cobra.Command{
+		group("cluster", "Show the control plane", a.clusterStatusCommand()),
+		group("node", "List, show, drain, undrain and remove nodes",
+			a.nodeListCommand(), a.nodeShowCommand(),
+			a.nodeChangeCommand("drain", "Drain a node: it sheds its primaries and gets no new replicas", (*client.Client).DrainNode),
+			a.nodeChangeCommand("undrain", "Undrain a node: it takes replicas again", (*client.Client).UndrainNode),
+			a.nodeRemoveCommand()),
+		group("grant", "List the partition roles nodes hold", a.grantListCommand()),
+	}
+}
+
+// oneNodeID accepts exactly one node ID argument.
+func oneNodeID(_ *cobra.Command, args []string) error {
+	switch {
+	case len(args) == 0:
+		return usagef("missing node ID")
+	case len(args) > 1:
+		return usagef("want one node ID, got %d arguments: %s", len(args), strings.Join(args, " "))
+	case strings.TrimSpace(args[0]) == "" || strings.ContainsAny(args[0], "/?# \t"):
+		return usagef("invalid node ID %q", args[0])
+	}
+	return nil
+}
+
+func (a *app) clusterStatusCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Show the leader, voters, term, commit index and health, as the node asked sees them",
+		Args:  noArgs,
+	}
+	cmd.RunE = a.runE(func(ctx context.Context, _ []string) error {
+		st, err := a.c.ClusterStatus(ctx)
+		if err != nil {
+			return err
+		}
+		if a.output == "json" {
+			return a.printJSON(st)
+		}
+		tw := a.table()
+		leader := string(st.Leader)
+		if leader == "" {
+			leader = "(none known)"
+		} else if st.LeaderAPI != "" {
+			leader += " (api " + st.LeaderAPI + ")"
+		}
+		row(tw, "Leader", leader)
+		row(tw, "Asked", fmt.Sprintf("%s (%s)", st.Node, st.State))
+		row(tw, "Healthy", yesNo(st.Healthy))
+		row(tw, "Term", strconv.FormatUint(st.Term, 10))
+		row(tw, "Commit index", strconv.FormatUint(st.CommitIndex, 10))
+		row(tw, "Applied index", strconv.FormatUint(st.AppliedIndex, 10))
+		row(tw, "Nodes", formatCounts(st.Nodes))
+		row(tw, "Volumes", strconv.Itoa(st.Volumes))
+		row(tw, "Open work", strconv.Itoa(st.Work))
+		for _, e := range st.Errors {
+			row(tw, "Problem", e)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		fmt.Fprintln(a.stdout)
+		tw = a.table()
+		fmt.Fprintln(tw, "VOTER\tSUFFRAGE\tLEADER\tSTATE\tRAFT\tAPI")
+		for _, v := range st.Voters {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", v.ID, v.Suffrage, yesNo(v.Leader), dash(string(v.State)), v.Raft, dash(v.API))
+		}
+		return tw.Flush()
+	})
+	return cmd
+}
+
+func (a *app) nodeListCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "list",
+		Aliases: []string{"ls"},
+		Short:   "List the registered nodes",
+		Args:    noArgs,
+	}
+	cmd.RunE = a.runE(func(ctx context.Context, _ []string) error {
+		nodes, err := a.c.Nodes(ctx)
+		if err != nil {
+			return err
+		}
+		if a.output == "json" {
+			return a.printJSON(nodes)
+		}
+		tw := a.table()
+		fmt.Fprintln(tw, "ID\tSTATE\tHEALTH\tROLES\tDOMAIN\tAPI\tRAFT\tLAST HEARTBEAT")
+		for _, n := range nodes {
+			fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\n", n.ID, n.State, n.Health, roles(n.Roles),
+				dash(n.FailureDomain), n.Addr.API, dash(n.Addr.Raft), formatTime(n.LastHeartbeat))
+		}
+		return tw.Flush()
+	})
+	return cmd
+}
+
+func (a *app) nodeShowCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "show ID",
+		Short: "Show a node, its addresses and the roles it holds",
+		Args:  oneNodeID,
+	}
+	cmd.RunE = a.runE(func(ctx context.Context, args []string) error {
+		v, err := a.c.Node(ctx, api.NodeID(args[0]))
+		if err != nil {
+			return err
+		}
+		if a.output == "json" {
+			return a.printJSON(v)
+		}
+		if err := a.printNode(v.Node); err != nil {
+			return err
+		}
+		tw := a.table()
+		if v.Voter != nil {
+			row(tw, "Voter", fmt.Sprintf("%s, leader: %s", v.Voter.Suffrage, yesNo(v.Voter.Leader)))
+		} else {
+			row(tw, "Voter", "no")
+		}
+		if v.Sled != nil {
+			row(tw, "Sled", fmt.Sprintf("%d devices, %s", len(v.Sled.Devices), api.FormatSize(v.Sled.Capacity())))
+		}
+		row(tw, "Grants", strconv.Itoa(len(v.Grants)))
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if len(v.Grants) > 0 {
+			fmt.Fprintln(a.stdout)
+			return a.printGrants(v.Grants)
+		}
+		return nil
+	})
+	return cmd
+}
+
+func (a *app) nodeChangeCommand(verb, short string, call func(*client.Client, context.Context, api.NodeID) (cluster.Node, error)) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   verb + " ID",
+		Short: short,
+		Args:  oneNodeID,
+	}
+	cmd.RunE = a.runE(func(ctx context.Context, args []string) error {
+		n, err := call(a.c, ctx, api.NodeID(args[0]))
+		if err != nil {
+			return err
+		}
+		if a.output == "json" {
+			return a.printJSON(n)
+		}
+		_, err = fmt.Fprintf(a.stdout, "node %s is %s\n", n.ID, n.State)
+		return err
+	})
+	return cmd
+}
+
+func (a *app) nodeRemoveCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:     "remove ID",
+		Aliases: []string{"rm"},
+		Short:   "Remove a node from the cluster map and the raft group; its roles are released",
+		Args:    oneNodeID,
+	}
+	cmd.RunE = a.runE(func(ctx context.Context, args []string) error {
+		if err := a.c.RemoveNode(ctx, api.NodeID(args[0])); err != nil {
+			return err
+		}
+		if a.output == "json" {
+			return a.printJSON(struct {
+				ID      string `json:"id"`
+				Removed bool   `json:"removed"`
+			}{args[0], true})
+		}
+		_, err := fmt.Fprintf(a.stdout, "removed node %s\n", args[0])
+		return err
+	})
+	return cmd
+}
+
+func (a *app) grantListCommand() *cobra.Command {
+	var node, volume string
+	cmd := &cobra.Command{
+		Use:     "list [--node ID] [--volume NAME]",
+		Aliases: []string{"ls"},
+		Short:   "List the grants: which node holds which role of which partition",
+		Args:    noArgs,
+	}
+	cmd.Flags().StringVar(&node, "node", "", "only the grants of this node")
+	cmd.Flags().StringVar(&volume, "volume", "", "only the grants of this volume")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if volume != "" {
+			if err := api.CheckName(volume); err != nil {
+				return usagef("invalid --volume: %s", strings.TrimPrefix(err.Error(), api.ErrInvalid.Error()+": "))
+			}
+		}
+		return a.runE(func(ctx context.Context, _ []string) error {
+			gs, err := a.c.Grants(ctx, api.NodeID(node), volume)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(gs)
+			}
+			return a.printGrants(gs)
+		})(cmd, args)
+	}
+	return cmd
+}
+
+func (a *app) printNode(n cluster.Node) error {
+	tw := a.table()
+	row(tw, "ID", string(n.ID))
+	row(tw, "State", string(n.State))
+	row(tw, "Health", strconv.Itoa(n.Health))
+	row(tw, "Roles", roles(n.Roles))
+	row(tw, "Failure domain", n.FailureDomain)
+	row(tw, "API", n.Addr.API)
+	row(tw, "Raft", n.Addr.Raft)
+	row(tw, "Peer", n.Addr.Peer)
+	row(tw, "NBD", n.Addr.NBD)
+	row(tw, "iSCSI", n.Addr.ISCSI)
+	if n.Capacity > 0 {
+		row(tw, "Capacity", api.FormatSize(n.Capacity))
+	}
+	row(tw, "Registered", formatTime(n.Registered))
+	row(tw, "Last heartbeat", formatTime(n.LastHeartbeat))
+	return tw.Flush()
+}
+
+func (a *app) printGrants(gs []cluster.Grant) error {
+	tw := a.table()
+	fmt.Fprintln(tw, "VOLUME\tPARTITION\tROLE\tNODE\tEPOCH\tIN SYNC")
+	for _, g := range gs {
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%d\t%s\n", g.Volume, g.Partition, g.Role, g.Node, g.Epoch, yesNo(g.InSync))
+	}
+	return tw.Flush()
+}
+
+// placedVolume is `volume show -o json` on a cluster: the API's volume and
+// the placement of its partitions.
+type placedVolume struct {
+	api.Volume
+	Placement   []cluster.Partition `json:"placement,omitempty"`
+	Replication string              `json:"replication,omitempty"`
+}
+
+// replicationNote says what multi-node data replication does today.
+const replicationNote = "placement only: data stays on the exporting node until multi-node replication (issue 5) lands"
+
+// showPlaced prints v with its placement when the API has the cluster
+// routes; against `stord dev` it prints v alone.
+func (a *app) showPlaced(ctx context.Context, v api.Volume) error {
+	cv, err := a.c.ClusterVolume(ctx, v.Name)
+	var ce *client.Error
+	if err != nil && (errors.As(err, &ce) || errors.Is(err, api.ErrNotFound)) {
+		return a.printVolume(v) // no cluster routes here (or the volume went away meanwhile)
+	}
+	if err != nil {
+		return err
+	}
+	if a.output == "json" {
+		return a.printJSON(placedVolume{Volume: v, Placement: cv.Partitions, Replication: replicationNote})
+	}
+	if err := a.printVolume(v); err != nil {
+		return err
+	}
+	tw := a.table()
+	row(tw, "Replication", replicationNote)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(a.stdout)
+	return a.printPlacement(cv.Partitions)
+}
+
+func (a *app) printPlacement(ps []cluster.Partition) error {
+	tw := a.table()
+	fmt.Fprintln(tw, "PARTITION\tEPOCH\tPRIMARY\tSECONDARIES\tRESERVES\tIN SYNC\tSOLO")
+	for _, p := range ps {
+		solo := "-"
+		if p.Solo != nil {
+			solo = fmt.Sprintf("%s@%d", p.Solo.Node, p.Solo.Epoch)
+		}
+		fmt.Fprintf(tw, "%d\t%d\t%s\t%s\t%s\t%s\t%s\n", p.Index, p.Epoch, dash(string(p.Primary)),
+			ids(p.Secondaries), ids(p.Reserves), ids(p.InSync), solo)
+	}
+	return tw.Flush()
+}
+
+func ids(xs []api.NodeID) string {
+	if len(xs) == 0 {
+		return "-"
+	}
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = string(x)
+	}
+	return strings.Join(s, ",")
+}
+
+func roles(rs []string) string {
+	if len(rs) == 0 {
+		return "all"
+	}
+	return strings.Join(rs, ",")
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+// formatCounts prints {"active": 3, "dead": 1} as "3 active, 1 dead".
+func formatCounts(m map[string]int) string {
+	var parts []string
+	for _, k := range []cluster.State{cluster.StateActive, cluster.StateIsolating, cluster.StateDraining, cluster.StateDead} {
+		if n := m[string(k)]; n > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", n, k))
+		}
+	}
+	if len(parts) == 0 {
+		return "none"
+	}
+	return strings.Join(parts, ", ")
+}

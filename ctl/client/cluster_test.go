@@ -1,0 +1,54 @@
+package client
+
+import (
+	"bytes"
+	"encoding/json"
+	"reflect"
+	"testing"
+	"time"
+
+	"stor.dev/stor/ctl/cluster"
+	"stor.dev/stor/ctl/control"
+)
+
+// TestClusterTypesMirrorControl: control's answers, with every field set,
+// decode into this package's mirrors with no unknown field and encode back
+// to the same JSON.
+func TestClusterTypesMirrorControl(t *testing.T) {
+	voter := control.Voter{ID: "n1", Raft: "127.0.0.11:7481", Suffrage: "Voter", Leader: true}
+	status := control.ClusterStatus{
+		Leader: "n1", LeaderAPI: "127.0.0.11:7480", Node: "n2", State: "Follower", Term: 3,
+		CommitIndex: 10, AppliedIndex: 9, LastContact: "1ms",
+		Voters:  []control.StatusVoter{{Voter: voter, API: "127.0.0.11:7480", State: cluster.StateActive}},
+		Healthy: true, Nodes: map[string]int{"active": 3}, Volumes: 2, Work: 1,
+		Config: cluster.DefaultConfig(), Time: time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC), Errors: []string{"x"},
+	}
+	view := control.NodeView{
+		Node: cluster.Node{ID: "n1", NodeSpec: cluster.NodeSpec{Addr: cluster.Addresses{API: "a", Raft: "r", NBD: "n", Peer: "p", ISCSI: "i"},
+			Roles: []string{"control"}, FailureDomain: "rack1", Capacity: 5}, State: cluster.StateActive, Drained: true, Late: true, Health: 90},
+		Sled:   &cluster.Sled{Node: "n1", Devices: []cluster.Device{{Path: "/d", Capacity: 1, Used: 1}}},
+		Grants: []cluster.Grant{{Volume: "v", Partition: 1, Role: cluster.RolePrimary, Node: "n1", Epoch: 2, InSync: true}},
+		Voter:  &voter,
+	}
+	for _, c := range []struct {
+		from any
+		into any
+	}{{status, &ClusterStatus{}}, {view, &NodeView{}}} {
+		want, err := json.Marshal(c.from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dec := json.NewDecoder(bytes.NewReader(want))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(c.into); err != nil {
+			t.Fatalf("%T into %T: %v", c.from, c.into, err)
+		}
+		got, err := json.Marshal(reflect.ValueOf(c.into).Elem().Interface())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want) {
+			t.Errorf("%T round trip:\n got %s\nwant %s", c.from, got, want)
+		}
+	}
+}
