@@ -32,7 +32,10 @@ const (
 	maxBigInFlight = 64 << 20
 	// maxCoalesce is the largest reply copied into the queue of a busy
 	// connection; larger replies wait to be written on their own.
+	// maxPending bounds the queue: a client that stops reading its replies
+	// stalls the workers, then the reader, instead of growing the queue.
 	maxCoalesce = 32 << 10
+	maxPending  = 1 << 20
 	// maxMapLen bounds the range one BLOCK_STATUS asks the device about;
 	// the spec lets the server answer a prefix.
 	maxMapLen = 1 << 30
@@ -43,6 +46,8 @@ const (
 // Ownership: the serve goroutine owns negotiation and reading; each request
 // is owned by one slot, which a worker owns while executing it. Replies are
 // written under wmu, each whole in one write call (possibly with others).
+// A client that does not read its replies blocks the workers, then the
+// reader: memory stays bounded.
 type conn struct {
 	s      *Server
 	nc     net.Conn
@@ -57,7 +62,7 @@ type conn struct {
 	// wmu serialises reply writes on nc; see send.
 	wmu struct {
 		sync.Mutex
-		idle    sync.Cond // signalled when writing ends
+		idle    sync.Cond // signalled when writing ends or pending is taken
 		writing bool      // a worker is in nc.Write
 		pending []byte    // replies queued behind the current write
 		spare   []byte    // the other pending buffer, reused
@@ -293,7 +298,8 @@ func (c *conn) releaseBig(sl *slot) {
 // connection is closed so the reader stops too.
 func (c *conn) send(b []byte) {
 	c.wmu.Lock()
-	for c.wmu.writing && len(b) > maxCoalesce && !c.broken.Load() {
+	for c.wmu.writing && !c.broken.Load() &&
+		(len(b) > maxCoalesce || len(c.wmu.pending)+len(b) > maxPending) {
 		c.wmu.idle.Wait()
 	}
 	if c.broken.Load() {
@@ -328,6 +334,7 @@ func (c *conn) send(b []byte) {
 		}
 		b, c.wmu.pending, c.wmu.spare = c.wmu.pending, c.wmu.spare, nil
 		owned = true
+		c.wmu.idle.Broadcast() // the queue has room again
 		c.wmu.Unlock()
 	}
 }

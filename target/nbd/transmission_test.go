@@ -605,3 +605,33 @@ func TestLargeRequestsBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestClientNotReadingRepliesIsBounded: a client that sends reads but never
+// reads the replies makes the server stop executing requests (and, through
+// TCP, stop reading them) instead of queueing replies without bound.
+func TestClientNotReadingRepliesIsBounded(t *testing.T) {
+	const n = 8000 // 32 MiB of replies; the requests fit in socket buffers
+	faulty := blockdevtest.NewFaulty(blockdevtest.NewMemory(target.Geometry{Size: 1 << 20, BlockSize: 4096}))
+	cat := newDevCatalog()
+	cat.add("v", faulty)
+	ts := startServer(t, cat, Config{})
+	c := connect(t, ts.addr, "v", false)
+	var b []byte
+	for i := range n {
+		b = appendRequest(b, request{Type: cmdRead, Cookie: uint64(i), Offset: uint64(i%256) * 4096, Length: 4096})
+	}
+	go c.nc.Write(b) // may block for good: the server stops reading
+	eventually(t, 10*time.Second, "the server to start executing", func() bool { return faulty.Entered() > 100 })
+	// A server queueing without bound would run all n reads within a
+	// second even on a loaded machine; this one stalls once about
+	// maxPending plus the socket buffers are full (about 1500 reads).
+	deadline := time.Now().Add(3 * time.Second)
+	for time.Now().Before(deadline) {
+		if e := faulty.Entered(); e >= n {
+			t.Fatalf("the server executed all %d reads while the client read no reply", e)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Logf("stalled after %d reads", faulty.Entered())
+	c.nc.Close()
+}
