@@ -53,7 +53,7 @@ func startExport(ctx context.Context, n *node) (*exportRole, error) {
 	return e, nil
 }
 
-var errNBDStopped = errors.New("stord: NBD server stopped")
+var errNBDStopped = errors.New("NBD server stopped")
 
 // stopped is closed when the NBD server stops (on its own, or by close);
 // nil for a node without the export role (a nil channel never delivers).

@@ -58,9 +58,9 @@ import (
 
 // Errors of `stord run`.
 var (
-	errConfig    = errors.New("stord: bad configuration")
-	errJoin      = errors.New("stord: cannot join the cluster")
-	errDataOwner = errors.New("stord: data directory belongs to another node")
+	errConfig    = errors.New("bad configuration")
+	errJoin      = errors.New("cannot join the cluster")
+	errDataOwner = errors.New("data directory belongs to another node")
 )
 
 var allRoles = []string{cluster.NodeRoleControl, cluster.NodeRoleHead, cluster.NodeRoleSled, cluster.NodeRoleExport}
