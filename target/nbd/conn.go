@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -23,9 +24,6 @@ const (
 	// larger ones (up to MaxPayload) are dropped after use, bounding a
 	// connection's idle memory to MaxInFlight*keepBuf.
 	keepBuf = hdrRoom + 1<<20
-	// drainGrace bounds how long Close waits for a client that does not
-	// read its replies.
-	drainGrace = 5 * time.Second
 	// bigRequest is the payload length above which a READ or WRITE counts
 	// against maxBigInFlight.
 	bigRequest     = keepBuf - hdrRoom
@@ -52,6 +50,11 @@ type conn struct {
 	s      *Server
 	nc     net.Conn
 	remote string
+	// ctx is the context of the connection's catalog and device calls. It
+	// is cancelled Config.DrainTimeout after shutdown, so a device that never
+	// answers cannot hold Close forever, and when the connection ends.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	// Set once the handshake ends; read-only afterwards.
 	sess   *session
@@ -108,6 +111,7 @@ func (sl *slot) payload(n int) []byte {
 
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.wmu.idle.L = &c.wmu.Mutex
 	c.big.freed.L = &c.big.Mutex
 	return c
@@ -120,7 +124,10 @@ func (c *conn) shutdown() {
 	c.mu.closing = true
 	c.mu.Unlock()
 	c.nc.SetReadDeadline(time.Unix(1, 0))
-	c.nc.SetWriteDeadline(time.Now().Add(drainGrace))
+	// Replies to calls cancelled at DrainTimeout still get a grace of
+	// their own to be written.
+	c.nc.SetWriteDeadline(time.Now().Add(2 * c.s.cfg.DrainTimeout))
+	time.AfterFunc(c.s.cfg.DrainTimeout, c.cancel)
 }
 
 func (c *conn) closing() bool {
@@ -143,6 +150,7 @@ func (c *conn) setDeadline(t time.Time) {
 func (c *conn) serve() {
 	start := time.Now()
 	log := c.s.log.With("remote", c.remote)
+	defer c.cancel()
 	defer c.nc.Close()
 
 	c.setDeadline(start.Add(c.s.cfg.HandshakeTimeout))
@@ -351,14 +359,14 @@ func (c *conn) handle(sl *slot) {
 			c.replyErr(sl, sl.pre, nil)
 			return
 		}
-		err := s.dev.WriteAt(background, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), r.Flags&cmdFlagFUA != 0)
+		err := s.dev.WriteAt(c.ctx, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), r.Flags&cmdFlagFUA != 0)
 		c.reply(sl, classWrite, err)
 	case cmdFlush:
 		if r.Flags&^cmdFlagFUA != 0 {
 			c.replyErr(sl, errnoInval, nil)
 			return
 		}
-		c.reply(sl, classRead, s.dev.Flush(background))
+		c.reply(sl, classRead, s.dev.Flush(c.ctx))
 	case cmdTrim:
 		if e := c.check(r, cmdFlagFUA, classRead, true); e != 0 {
 			c.replyErr(sl, e, nil)
@@ -366,9 +374,9 @@ func (c *conn) handle(sl *slot) {
 		}
 		var err error
 		if r.Length > 0 {
-			err = s.dev.Trim(background, int64(r.Offset), int64(r.Length))
+			err = s.dev.Trim(c.ctx, int64(r.Offset), int64(r.Length))
 			if err == nil && r.Flags&cmdFlagFUA != 0 {
-				err = s.dev.Flush(background)
+				err = s.dev.Flush(c.ctx)
 			}
 		}
 		c.reply(sl, classRead, err)
@@ -423,7 +431,7 @@ func (c *conn) read(sl *slot) {
 	n := int(r.Length)
 	data := sl.payload(n)
 	if n > 0 {
-		if err := c.sess.dev.ReadAt(background, data, int64(r.Offset)); err != nil {
+		if err := c.sess.dev.ReadAt(c.ctx, data, int64(r.Offset)); err != nil {
 			c.replyErr(sl, errno(err, classRead), err)
 			return
 		}
@@ -461,7 +469,7 @@ func (c *conn) writeZeroes(sl *slot) {
 	// WriteZeroes is metadata only, so it is fast and FAST_ZERO is
 	// honoured; it never leaves a hole, so NO_HOLE is honoured too.
 	fua := r.Flags&cmdFlagFUA != 0
-	err := c.sess.dev.WriteZeroes(background, int64(r.Offset), int64(r.Length), fua)
+	err := c.sess.dev.WriteZeroes(c.ctx, int64(r.Offset), int64(r.Length), fua)
 	if errors.Is(err, target.ErrNotSupported) && r.Flags&cmdFlagFastZero == 0 {
 		// Without FAST_ZERO the server MUST NOT fail with ENOTSUP:
 		// write the zeros out.
@@ -474,7 +482,7 @@ func (c *conn) writeZeroBuffers(off, n int64, fua bool) error {
 	zero := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		k := min(n, int64(len(zero)))
-		if err := c.sess.dev.WriteAt(background, zero[:k], off, fua); err != nil {
+		if err := c.sess.dev.WriteAt(c.ctx, zero[:k], off, fua); err != nil {
 			return err
 		}
 		off += k
@@ -507,7 +515,7 @@ func (c *conn) blockStatus(sl *slot) {
 	var ext []target.Extent
 	if c.mapper != nil {
 		var err error
-		ext, err = c.mapper.Map(background, off, n)
+		ext, err = c.mapper.Map(c.ctx, off, n)
 		if errors.Is(err, target.ErrNotSupported) {
 			ext, err = nil, nil // no map after all: report status 0
 		}

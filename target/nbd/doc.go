@@ -63,7 +63,10 @@
 //     connections never notice.
 //   - Close stops accepting, stops each connection reading, answers every
 //     request already read (the spec's "SHOULD wait for inflight requests"),
-//     closes connections and devices, and joins every goroutine.
+//     closes connections and devices, and joins every goroutine. After
+//     Config.DrainTimeout it cancels the contexts of device calls still
+//     running (they are answered ESHUTDOWN); after twice that it gives up on
+//     clients that do not read their replies.
 //   - Logging: one line per connection event (attached, disconnected,
 //     failed negotiation), never per I/O. Metrics: stor_nbd_connections,
 //     stor_nbd_connections_total, stor_nbd_handshake_failures_total.

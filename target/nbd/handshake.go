@@ -134,7 +134,7 @@ func (c *conn) option(n *negotiation, bw *bufio.Writer, opt uint32, data []byte)
 		if len(data) != 0 {
 			return nil, optReply(bw, opt, repErrInvalid, "NBD_OPT_LIST takes no data")
 		}
-		exports, err := c.s.cfg.Catalog.List(background)
+		exports, err := c.s.cfg.Catalog.List(c.ctx)
 		if err != nil {
 			return nil, optReply(bw, opt, repErrPolicy, "cannot list exports: "+err.Error())
 		}
@@ -246,14 +246,14 @@ func (c *conn) open(n *negotiation, name string) (*session, error) {
 	// way the client names it now.
 	meta := n.structured && n.metaSet && n.metaSelected && n.metaExport == name
 	if name == "" {
-		if ex, err := c.s.cfg.Catalog.List(background); err == nil && len(ex) == 1 {
+		if ex, err := c.s.cfg.Catalog.List(c.ctx); err == nil && len(ex) == 1 {
 			name = ex[0].Name
 		}
 	}
 	if len(name) > maxString {
 		return nil, fmt.Errorf("%w: export name too long", target.ErrNotFound)
 	}
-	dev, err := c.s.cfg.Catalog.Open(background, name)
+	dev, err := c.s.cfg.Catalog.Open(c.ctx, name)
 	if err != nil {
 		return nil, err
 	}

@@ -1,7 +1,6 @@
 package nbd
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -37,6 +36,10 @@ type Config struct {
 	// HandshakeTimeout bounds option haggling, from accept to the start of
 	// transmission. Default 30s.
 	HandshakeTimeout time.Duration
+	// DrainTimeout bounds how long Close waits for requests in flight:
+	// then the contexts of their device calls are cancelled; replies a
+	// client has not read after twice that are abandoned. Default 5s.
+	DrainTimeout time.Duration
 }
 
 // DefaultMaxInFlight is the default of Config.MaxInFlight.
@@ -69,6 +72,9 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 5 * time.Second
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, metrics: newMetrics(cfg.Registerer)}
 	if s.log == nil {
@@ -243,7 +249,3 @@ func register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
 	}
 	return c
 }
-
-// background is the context of device calls. Requests are not cancelled
-// when the server closes: Close drains them instead.
-var background = context.Background()

@@ -635,3 +635,22 @@ func TestClientNotReadingRepliesIsBounded(t *testing.T) {
 	t.Logf("stalled after %d reads", faulty.Entered())
 	c.nc.Close()
 }
+
+// TestCloseGivesUpOnAStuckDevice: a device call that never returns on its
+// own is cancelled after DrainTimeout and answered ESHUTDOWN.
+func TestCloseGivesUpOnAStuckDevice(t *testing.T) {
+	faulty := blockdevtest.NewFaulty(blockdevtest.NewMemory(target.Geometry{Size: 1 << 20, BlockSize: 512}))
+	cat := newDevCatalog()
+	cat.add("v", faulty)
+	ts := startServer(t, cat, Config{DrainTimeout: 50 * time.Millisecond})
+	c := connect(t, ts.addr, "v", true)
+	release := faulty.Stall() // honours its context, nothing else
+	defer release()
+	c.request(0, cmdRead, 1, 0, 512, nil)
+	eventually(t, 10*time.Second, "read reached the device", func() bool { return faulty.Entered() == 1 })
+	ts.Close()
+	if r := c.chunkOrSimple(); r.typ != replyError || r.errno != errnoShutdown {
+		t.Fatalf("stuck read: %+v", r)
+	}
+	c.expectEOF()
+}
