@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -46,8 +47,10 @@ func TestE2ENbdinfoListAndMap(t *testing.T) {
 	checkKind(t, ext, 2<<20, 2<<20, "data")
 	checkKind(t, ext, 4<<20, 1<<30-4<<20, "hole")
 
-	// Still so after a restart: the map comes from recovered metadata.
-	d.restart()
+	// Still so after a restart (SIGINT, as Ctrl-C): the map comes from
+	// recovered metadata.
+	d.stopWith(syscall.SIGINT)
+	d.start()
 	ext = nbdMap(t, nbdinfo, d.url("vol0"))
 	checkKind(t, ext, 0, 1<<20, "data")
 	checkKind(t, ext, 1<<20, 1<<20, "hole")

@@ -256,6 +256,9 @@ func (d *daemon) launch() error {
 	args := append([]string{"dev", "--data", d.dataDir, "--nbd-listen", d.nbdAddr,
 		"--api-listen", d.apiAddr}, d.args...)
 	d.cmd = exec.Command(stordBin, args...)
+	// If the test binary dies (a -timeout panic), stord dies with it
+	// rather than living on as an orphan holding its ports.
+	d.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	d.stdout, d.stderr = &lockedBuffer{}, &lockedBuffer{}
 	d.cmd.Stdout, d.cmd.Stderr = d.stdout, d.stderr
 	if err := d.cmd.Start(); err != nil {
@@ -306,18 +309,24 @@ func freePort(t testing.TB) string {
 // stop sends SIGTERM and requires a clean exit (status 0) within a minute.
 func (d *daemon) stop() {
 	d.t.Helper()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		d.t.Fatalf("SIGTERM: %v", err)
+	d.stopWith(syscall.SIGTERM)
+}
+
+// stopWith sends sig (SIGTERM or SIGINT) and requires a clean exit.
+func (d *daemon) stopWith(sig syscall.Signal) {
+	d.t.Helper()
+	if err := d.cmd.Process.Signal(sig); err != nil {
+		d.t.Fatalf("%v: %v", sig, err)
 	}
 	select {
 	case <-d.exited:
 	case <-time.After(60 * time.Second):
 		d.cmd.Process.Kill()
 		<-d.exited
-		d.t.Fatalf("stord did not exit within 60s of SIGTERM:\n%s", d.tail())
+		d.t.Fatalf("stord did not exit within 60s of %v:\n%s", sig, d.tail())
 	}
 	if d.werr != nil {
-		d.t.Errorf("stord exited with %v after SIGTERM, want status 0:\n%s", d.werr, d.tail())
+		d.t.Errorf("stord exited with %v after %v, want status 0:\n%s", d.werr, sig, d.tail())
 	}
 	if !strings.Contains(d.stderr.String(), "stopped cleanly") {
 		d.t.Errorf("stord log lacks \"stopped cleanly\":\n%s", d.tail())
