@@ -71,6 +71,10 @@ type conn struct {
 		spare   []byte    // the other pending buffer, reused
 	}
 
+	// lat holds the recent latency (ns, moving average) of READs and
+	// WRITEs, which decides whether they run inline on the reader.
+	lat [2]atomic.Int64
+
 	free    chan *slot // idle slots; a slot is a request buffer plus a worker's turn
 	work    chan *slot // read requests waiting for a worker
 	nslots  int        // slots made so far; owned by the reader
@@ -112,6 +116,10 @@ func (sl *slot) payload(n int) []byte {
 func newConn(s *Server, nc net.Conn) *conn {
 	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	for i := range c.lat {
+		// Start on the workers; go inline once requests prove fast.
+		c.lat[i].Store(int64(time.Second))
+	}
 	c.wmu.idle.L = &c.wmu.Mutex
 	c.big.freed.L = &c.big.Mutex
 	return c
@@ -240,8 +248,52 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 				return err
 			}
 		}
+		if c.fast(req.Type) {
+			c.run(sl) // see Config.InlineBelow
+			continue
+		}
 		c.work <- sl
 	}
+}
+
+// latKind is the index in c.lat of the commands whose latency is tracked,
+// or -1.
+func latKind(typ uint16) int {
+	switch typ {
+	case cmdRead:
+		return 0
+	case cmdWrite:
+		return 1
+	}
+	return -1
+}
+
+// fast reports whether a request of this type should run on the reader:
+// recent requests of its type took less than Config.InlineBelow.
+func (c *conn) fast(typ uint16) bool {
+	k := latKind(typ)
+	return k >= 0 && c.s.cfg.InlineBelow > 0 && time.Duration(c.lat[k].Load()) < c.s.cfg.InlineBelow
+}
+
+// run executes a request, tracks its latency and frees its slot.
+func (c *conn) run(sl *slot) {
+	k := latKind(sl.req.Type)
+	var start time.Time
+	if k >= 0 {
+		start = time.Now()
+	}
+	c.handle(sl)
+	if k >= 0 {
+		// An exponentially weighted moving average, weight 1/8. Racing
+		// updates may lose a sample; it is a hint.
+		old := c.lat[k].Load()
+		c.lat[k].Store(old + (int64(time.Since(start))-old)/8)
+	}
+	if cap(sl.buf) > keepBuf {
+		sl.buf = nil
+	}
+	c.releaseBig(sl)
+	c.free <- sl
 }
 
 // slot returns an idle slot, making one (and its worker) while fewer than
@@ -264,12 +316,7 @@ func (c *conn) slot() *slot {
 func (c *conn) worker() {
 	defer c.workers.Done()
 	for sl := range c.work {
-		c.handle(sl)
-		if cap(sl.buf) > keepBuf {
-			sl.buf = nil
-		}
-		c.releaseBig(sl)
-		c.free <- sl
+		c.run(sl)
 	}
 }
 

@@ -36,14 +36,25 @@ type Config struct {
 	// HandshakeTimeout bounds option haggling, from accept to the start of
 	// transmission. Default 30s.
 	HandshakeTimeout time.Duration
+	// InlineBelow lets the reader goroutine run a READ or WRITE itself,
+	// instead of handing it to a worker, while recent requests of that
+	// type completed faster than this: for a fast device the handoff (a
+	// goroutine wakeup, often on another CPU) costs more than the request,
+	// and serial execution beats it. A request slower than expected delays
+	// the requests behind it on the connection until the average adapts.
+	// Zero means DefaultInlineBelow; negative disables.
+	InlineBelow time.Duration
 	// DrainTimeout bounds how long Close waits for requests in flight:
 	// then the contexts of their device calls are cancelled; replies a
 	// client has not read after twice that are abandoned. Default 5s.
 	DrainTimeout time.Duration
 }
 
-// DefaultMaxInFlight is the default of Config.MaxInFlight.
-const DefaultMaxInFlight = 64
+// Defaults of Config.
+const (
+	DefaultMaxInFlight = 64
+	DefaultInlineBelow = 20 * time.Microsecond
+)
 
 // Server serves the exports of a Catalog over NBD. It is safe for
 // concurrent use; Serve may be called on several listeners.
@@ -72,6 +83,9 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	if cfg.InlineBelow == 0 {
+		cfg.InlineBelow = DefaultInlineBelow
 	}
 	if cfg.DrainTimeout <= 0 {
 		cfg.DrainTimeout = 5 * time.Second

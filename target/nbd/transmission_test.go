@@ -654,3 +654,46 @@ func TestCloseGivesUpOnAStuckDevice(t *testing.T) {
 	}
 	c.expectEOF()
 }
+
+// TestInlineFollowsLatency: READs move onto the reader once the device
+// proves fast, and back to the workers when it turns slow; a slow device
+// never runs inline, so pipelined requests still overlap.
+func TestInlineFollowsLatency(t *testing.T) {
+	geo := target.Geometry{Size: 1 << 20, BlockSize: 512}
+	faulty := blockdevtest.NewFaulty(blockdevtest.NewMemory(geo))
+	cat := newDevCatalog()
+	cat.add("v", faulty)
+	ts := startServer(t, cat, Config{InlineBelow: time.Millisecond})
+	c := connect(t, ts.addr, "v", false)
+	var conn *conn
+	ts.mu.Lock()
+	for k := range ts.mu.conns {
+		conn = k
+	}
+	ts.mu.Unlock()
+	if conn.fast(cmdRead) || conn.fast(cmdFlush) {
+		t.Fatal("a new connection runs requests inline before measuring")
+	}
+	for i := range 100 {
+		c.readBack(false, uint64(i), 0, 512)
+	}
+	if !conn.fast(cmdRead) {
+		t.Fatalf("reads at %v average still not inline", time.Duration(conn.lat[0].Load()))
+	}
+	// The device stalls: the next read runs inline and blocks the reader
+	// until released; then the average jumps past the threshold.
+	release := faulty.Stall()
+	c.request(0, cmdRead, 1000, 0, 512, nil)
+	eventually(t, 10*time.Second, "stalled read reached the device", func() bool { return faulty.Entered() == 101 })
+	start := time.Now()
+	eventually(t, 10*time.Second, "the stall to last 20ms", func() bool { return time.Since(start) > 20*time.Millisecond })
+	release()
+	if e, cookie := c.simpleReply(); e != 0 || cookie != 1000 {
+		t.Fatalf("stalled read: errno %d cookie %d", e, cookie)
+	}
+	c.read(512)
+	c.readBack(false, 1001, 0, 512) // the reader has recorded the sample
+	if conn.fast(cmdRead) {
+		t.Errorf("reads still inline after a %v average", time.Duration(conn.lat[0].Load()))
+	}
+}
