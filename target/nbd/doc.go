@@ -15,21 +15,23 @@
 // In transmission one reader goroutine per connection parses requests and
 // hands them to a bounded set of worker goroutines (Config.MaxInFlight,
 // default 64, created lazily); when all are busy the reader stops reading,
-// which pushes back on the client through TCP. While the device answers
-// READs or WRITEs faster than Config.InlineBelow (a moving average per
-// connection), the reader runs them itself: for a fast device a goroutine
-// handoff, often a wakeup on another CPU, costs more than the request (on
-// 2 vCPUs under fio this doubled QD32 IOPS). A slow device never runs
-// inline, so its requests keep overlapping. READs and WRITEs over 1 MiB
+// which pushes back on the client through TCP. READs and WRITEs over 1 MiB
 // also draw on a 64 MiB per-connection budget, so pipelined 32 MiB requests
-// cannot pin gigabytes. Workers execute requests
-// concurrently and write replies out of order under a write mutex, each
-// reply whole in one write call: a read reply's header is laid down in
-// buffer space reserved just before the data it precedes, and small replies
-// finished while another worker is writing are queued and leave together
-// in that worker's next write. Request buffers
-// are owned by their slot and reused, so the steady state allocates
-// nothing per request.
+// cannot pin gigabytes.
+//
+// While the device answers READs or WRITEs faster than Config.InlineBelow
+// (a moving average per connection), the reader runs them itself: for a
+// fast device a goroutine handoff, often a wakeup on another CPU, costs
+// more than the request (on 2 vCPUs under fio this doubled QD32 IOPS). A
+// slow device never runs inline, so its requests keep overlapping.
+//
+// Workers execute requests concurrently and write replies out of order
+// under a write mutex, each reply whole in one write call: a read reply's
+// header is laid down in buffer space reserved just before the data it
+// precedes, and small replies finished while another worker is writing are
+// queued (up to 1 MiB) and leave together in that worker's next write.
+// Request buffers are owned by their slot and reused, so the steady state
+// allocates nothing per request.
 //
 // # Rules
 //
