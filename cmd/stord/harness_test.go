@@ -254,7 +254,7 @@ func (d *daemon) start() {
 // launch starts the process and waits for the API to answer.
 func (d *daemon) launch() error {
 	args := append([]string{"dev", "--data", d.dataDir, "--nbd-listen", d.nbdAddr,
-		"--api-listen", d.apiAddr}, d.args...)
+		"--api-listen", d.apiAddr, "--iscsi-listen", freePort(d.t)}, d.args...)
 	d.cmd = exec.Command(stordBin, args...)
 	// If the test binary dies (a -timeout panic), stord dies with it
 	// rather than living on as an orphan holding its ports.
