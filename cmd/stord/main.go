@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -20,6 +21,12 @@ import (
 var version = "dev"
 
 func main() {
+	// A soft memory limit keeps the heap (request buffers, flush batches)
+	// from growing with GOGC's doubling; GOMEMLIMIT overrides it. Pebble's
+	// block cache lives outside the Go heap.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(192 << 20)
+	}
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
