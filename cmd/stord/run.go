@@ -11,13 +11,14 @@ package main
 // node is usually told only its API address. Layout of --data:
 //
 //	DIR/node.json   the node id the directory belongs to (a reused directory
-//	                with another --node-id is refused)
+//	                with another --node-id is refused), and whether the
+//	                control plane accepted it once
 //	DIR/raft/       control role: raft log, stable store and snapshots
 //	DIR/volumes/    head+export roles: the local volume manager (see below)
 //
 // Start-up: the control role opens its raft node (bootstrapping a
 // one-voter cluster with --bootstrap and no raft state), then the API and
-// NBD listeners serve. A node with no raft state yet registers
+// NBD listeners serve. A node never registered yet (node.json) registers
 // synchronously through --join (or itself when bootstrapping), bounded by
 // --join-timeout, so a wrong --join or a node id already registered with
 // other addresses ends the process with one clear error. Then the
@@ -257,34 +258,43 @@ func (f *runFlags) check() error {
 // nodeFile is DIR/node.json.
 type nodeFile struct {
 	ID api.NodeID `json:"id"`
+	// Registered is set once the control plane accepted the node: later
+	// starts skip the synchronous check-in (the cluster may be restarting
+	// and have no leader yet).
+	Registered bool `json:"registered,omitempty"`
 }
 
-// claimData makes sure dir belongs to node id (claiming it on first use).
-func claimData(dir string, id api.NodeID) error {
+// claimData makes sure dir belongs to node id (claiming it on first use)
+// and returns what DIR/node.json says.
+func claimData(dir string, id api.NodeID) (nodeFile, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return err
+		return nodeFile{}, err
 	}
-	p := filepath.Join(dir, "node.json")
-	b, err := os.ReadFile(p)
+	b, err := os.ReadFile(filepath.Join(dir, "node.json"))
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		b, _ = json.Marshal(nodeFile{ID: id})
-		tmp := p + ".tmp"
-		if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
-			return err
-		}
-		return os.Rename(tmp, p)
+		nf := nodeFile{ID: id}
+		return nf, saveNodeFile(dir, nf)
 	case err != nil:
-		return err
+		return nodeFile{}, err
 	}
 	var nf nodeFile
 	if err := json.Unmarshal(b, &nf); err != nil {
-		return fmt.Errorf("%s: %w", p, err)
+		return nodeFile{}, fmt.Errorf("%s: %w", filepath.Join(dir, "node.json"), err)
 	}
 	if nf.ID != id {
-		return fmt.Errorf("%w: %s is node %s's, not %s", errDataOwner, dir, nf.ID, id)
+		return nodeFile{}, fmt.Errorf("%w: %s is node %s's, not %s", errDataOwner, dir, nf.ID, id)
 	}
-	return nil
+	return nf, nil
+}
+
+func saveNodeFile(dir string, nf nodeFile) error {
+	b, _ := json.Marshal(nf)
+	p := filepath.Join(dir, "node.json")
+	if err := os.WriteFile(p+".tmp", append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(p+".tmp", p)
 }
 
 // node is one running `stord run` process: its roles' parts.
@@ -305,7 +315,8 @@ type node struct {
 func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger) (err error) {
 	n := &node{f: f, id: api.NodeID(f.nodeID), base: log, log: log.With("node", f.nodeID), start: time.Now(), reg: prometheus.NewRegistry()}
 	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if err := claimData(f.data, n.id); err != nil {
+	nf, err := claimData(f.data, n.id)
+	if err != nil {
 		return err
 	}
 	var closers []func() error
@@ -323,9 +334,7 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	}
 	closers = append(closers, func() error { n.apiLn.Close(); return nil })
 
-	existing := true
 	if f.has(cluster.NodeRoleControl) {
-		existing = fileExists(filepath.Join(f.data, "raft", "raft.db"))
 		if n.ctl, err = startControl(n); err != nil {
 			return err
 		}
@@ -358,8 +367,12 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	})
 
 	spec := n.spec()
-	if !existing || !f.has(cluster.NodeRoleControl) {
+	if !nf.Registered {
 		if err := n.checkIn(ctx, spec); err != nil {
+			return err
+		}
+		nf.Registered = true
+		if err := saveNodeFile(f.data, nf); err != nil {
 			return err
 		}
 	}
