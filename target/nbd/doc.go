@@ -68,7 +68,8 @@
 //     payload over 32 MiB, unknown client flags, option data over 1 MiB)
 //     loses its connection after its earlier requests are answered; other
 //     connections never notice.
-//   - Close stops accepting, stops each connection reading, answers every
+//   - Close stops accepting, answers options still being haggled with
+//     NBD_REP_ERR_SHUTDOWN and hangs up, stops each connection reading, answers every
 //     request already read (the spec's "SHOULD wait for inflight requests"),
 //     closes connections and devices, and joins every goroutine. After
 //     Config.DrainTimeout it cancels the contexts of device calls still

@@ -34,8 +34,11 @@ type session struct {
 	flags      uint16
 }
 
-// errAbort ends a negotiation the client aborted (NBD_OPT_ABORT).
-var errAbort = errors.New("nbd: client aborted negotiation")
+// Reasons a negotiation ends without transmission.
+var (
+	errAbort    = errors.New("nbd: client aborted negotiation")
+	errShutdown = errors.New("nbd: server shutting down")
+)
 
 // negotiate runs the fixed newstyle handshake ("Fixed newstyle
 // negotiation") on br/bw until the client enters transmission (returns the
@@ -88,6 +91,13 @@ func (c *conn) negotiate(br *bufio.Reader, bw *bufio.Writer) (*session, error) {
 		data := make([]byte, length)
 		if _, err := io.ReadFull(br, data); err != nil {
 			return nil, err
+		}
+		if opt != optAbort && c.closing() {
+			// "Termination of the session during option haggling": a
+			// server shutting down SHOULD error further options.
+			optReply(bw, opt, repErrShutdown, "server shutting down")
+			bw.Flush()
+			return nil, errShutdown
 		}
 		s, err := c.option(&n, bw, opt, data)
 		if err != nil || s != nil {

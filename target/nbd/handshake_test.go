@@ -441,3 +441,30 @@ func TestOptInfo_DescriptionAndList(t *testing.T) {
 	}
 	c.expectReply(optList, repAck)
 }
+
+// TestTermination_ShutdownErrorsFurtherOptions: options already sent when
+// the server starts closing get NBD_REP_ERR_SHUTDOWN, then a hang-up.
+func TestTermination_ShutdownErrorsFurtherOptions(t *testing.T) {
+	cat, _ := memCatalog("vol1", target.Geometry{Size: 1 << 20, BlockSize: 512})
+	ts := startServer(t, cat, Config{})
+	c := dial(t, ts.addr)
+	c.greet(clientFixedNewstyle)
+	c.option(optList, nil) // answered: the server is open
+	c.expectReply(optList, repServer)
+	c.expectReply(optList, repAck)
+	eventually(t, 10*time.Second, "one connection", func() bool { return ts.Connections() == 1 })
+	var conn *conn
+	ts.mu.Lock()
+	for k := range ts.mu.conns {
+		conn = k
+	}
+	ts.mu.Unlock()
+	// Mark it closing as Close would, but leave its read deadline alone so
+	// the next option is read.
+	conn.mu.Lock()
+	conn.mu.closing = true
+	conn.mu.Unlock()
+	c.option(optGo, goData("vol1"))
+	c.expectReply(optGo, repErrShutdown)
+	c.expectEOF()
+}
