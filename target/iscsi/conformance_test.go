@@ -191,7 +191,7 @@ func startTgtd(t *testing.T) (string, func()) {
 	if os.Geteuid() != 0 {
 		t.Skip("tgtd needs root")
 	}
-	port, ctl := freePort(t), freePort(t)
+	port, ctl := freePort(t), 100+os.Getpid()%20000 // tgtd: -C is a small index, not a TCP port
 	img := filepath.Join(t.TempDir(), "lun.img")
 	if err := os.WriteFile(img, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -200,6 +200,8 @@ func startTgtd(t *testing.T) (string, func()) {
 		t.Fatal(err)
 	}
 	cmd := exec.Command("tgtd", "-f", "-C", strconv.Itoa(ctl), "--iscsi", "portal=127.0.0.1:"+strconv.Itoa(port))
+	var tgtLog bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &tgtLog, &tgtLog
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -210,7 +212,8 @@ func startTgtd(t *testing.T) (string, func()) {
 	for adm("--op", "show", "--mode", "target") != nil {
 		if time.Now().After(deadline) {
 			cmd.Process.Kill()
-			t.Fatal("tgtd did not start")
+			cmd.Wait()
+			t.Fatalf("tgtd did not start: %s", tgtLog.String())
 		}
 		time.Sleep(50 * time.Millisecond)
 	}

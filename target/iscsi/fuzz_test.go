@@ -98,3 +98,25 @@ func FuzzSession(f *testing.F) {
 		ti2.nc.Close()
 	})
 }
+
+// BenchmarkPDURead measures parsing a SCSI Command PDU with 4 KiB of
+// immediate data and both digests; it must not allocate.
+func BenchmarkPDURead(b *testing.B) {
+	var h bhs
+	h[0], h[1] = opSCSICmd, 0xa1
+	one := appendPDU(nil, &h, make([]byte, 4096), true, true)
+	stream := bytes.Repeat(one, 64)
+	r := bytes.NewReader(stream)
+	rd := pduReader{r: r, hdigest: true, ddigest: true, maxData: 1 << 16}
+	var p pdu
+	b.SetBytes(int64(len(one)))
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		if r.Len() == 0 {
+			r.Reset(stream)
+		}
+		if err := rd.read(&p); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -24,6 +24,7 @@ type testInitiator struct {
 	expStat  uint32
 	itt      uint32
 	tsih     uint16
+	cid      uint16
 	isid     [6]byte
 	name     string
 	maxBurst int
@@ -43,6 +44,8 @@ type loginOpts struct {
 	digest       bool
 	immediate    bool
 	initialR2T   bool
+	maxConns     int
+	cmdSN        uint32
 }
 
 // loginStatus is the class/detail of a failed login.
@@ -64,6 +67,8 @@ func dialInitiator(t testing.TB, addr string, o loginOpts) (*testInitiator, erro
 	ti.rd = pduReader{r: bufio.NewReader(nc), maxData: 1 << 24}
 	ti.isid = [6]byte{0x80, 0, 0, 0, 0, o.isid}
 	ti.tsih = o.tsih
+	ti.cid = o.cid
+	ti.cmdSN = o.cmdSN
 	t.Cleanup(func() { nc.Close() })
 	if err := ti.login(o); err != nil {
 		nc.Close()
@@ -100,6 +105,7 @@ func (ti *testInitiator) loginPDU(csg, nsg int, transit bool, text []byte) (*pdu
 	h[14], h[15] = byte(ti.tsih>>8), byte(ti.tsih)
 	h.setU32(16, ti.itt)
 	ti.itt++
+	h[20], h[21] = byte(ti.cid>>8), byte(ti.cid)
 	h.setU32(24, ti.cmdSN)
 	h.setU32(28, ti.expStat)
 	ti.send(&h, text)
@@ -198,6 +204,9 @@ func (ti *testInitiator) login(o loginOpts) error {
 	text = appendText(text, "FirstBurstLength", "65536")
 	text = appendText(text, "MaxOutstandingR2T", "2")
 	text = appendText(text, "X-com.example.Foo", "bar")
+	if o.maxConns > 0 {
+		text = appendText(text, "MaxConnections", strconv.Itoa(o.maxConns))
+	}
 	_, kvs, err = ti.loginPDU(1, 3, true, text)
 	if err != nil {
 		return err

@@ -402,3 +402,29 @@ func TestRFC7143_11_17_RejectUnknownOpcode(t *testing.T) {
 		t.Fatalf("TUR after reject %#x", r.status)
 	}
 }
+
+// RFC 7143 4.2.2.1 and 6.3: a second connection joins a session with its
+// TSIH (MC/S); commands on both are admitted in one CmdSN window, and the
+// session ends with its last connection.
+func TestRFC7143_6_3_MultipleConnections(t *testing.T) {
+	ts := startServer(t, Config{}, 1<<20)
+	a := login(t, ts, loginOpts{isid: 5, maxConns: 2})
+	b := login(t, ts, loginOpts{isid: 5, tsih: a.tsih, cid: 1, cmdSN: a.cmdSN + 32, maxConns: 2})
+	if ts.srv.Sessions() != 1 {
+		t.Fatalf("sessions = %d", ts.srv.Sessions())
+	}
+	w := pattern(512, 9)
+	if r := mustCmd(t, b, rw10(0x2a, 3, 1), w, 512, false); r.status != 0 {
+		t.Fatalf("write on conn 2: %#x", r.status)
+	}
+	r := mustCmd(t, a, rw10(0x28, 3, 1), nil, 512, true)
+	if r.status != 0 || !bytes.Equal(r.data, w) {
+		t.Fatalf("read on conn 1: %#x", r.status)
+	}
+	if _, err := dialInitiator(t, ts.addr, loginOpts{target: testTarget, isid: 5, tsih: a.tsih, cid: 2, maxConns: 2}); err != loginStatus(loginTooManyConns) {
+		t.Fatalf("third connection: %v", err)
+	}
+	a.nc.Close()
+	b.nc.Close()
+	waitFor(t, "session end", func() bool { return ts.srv.Sessions() == 0 && ts.cat.Opened("disk") == 0 })
+}

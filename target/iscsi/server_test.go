@@ -1,6 +1,7 @@
 package iscsi
 
 import (
+	"log/slog"
 	"net"
 	"os"
 	"os/exec"
@@ -78,7 +79,7 @@ func TestServeForever(t *testing.T) {
 	if os.Getenv("STOR_ISCSI_SERVE") == "" {
 		t.Skip("set STOR_ISCSI_SERVE=1 to serve by hand")
 	}
-	ts := startServer(t, Config{}, 64<<20)
+	ts := startServer(t, Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))}, 64<<20)
 	t.Logf("serving on %s", ts.addr)
 	os.WriteFile("/tmp/iscsi-addr", []byte(ts.addr), 0o644)
 	time.Sleep(time.Hour)

@@ -459,3 +459,14 @@ func FuzzCDB(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkRead10 measures the device server's READ(10) path for 4 KiB;
+// it must not allocate.
+func BenchmarkRead10(b *testing.B) {
+	lu, dev := newTestLU(b, false)
+	tk := &Task{CDB: b10(opRead10, 8, 8, 0), DataIn: make([]byte, 4096), Nexus: nexusA}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		lu.Execute(context.Background(), dev, tk)
+	}
+}
