@@ -248,7 +248,7 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 				return err
 			}
 		}
-		if c.fast(req.Type) {
+		if c.fast(&sl.req) {
 			c.run(sl) // see Config.InlineBelow
 			continue
 		}
@@ -256,10 +256,14 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 	}
 }
 
-// latKind is the index in c.lat of the commands whose latency is tracked,
-// or -1.
-func latKind(typ uint16) int {
-	switch typ {
+// latKind is the index in c.lat of requests whose latency is tracked, or
+// -1: plain READs and WRITEs up to 1 MiB. FUA writes (durable, so slow on
+// real storage) and large transfers are neither tracked nor run inline.
+func latKind(r *request) int {
+	if r.Flags&cmdFlagFUA != 0 || r.Length > bigRequest {
+		return -1
+	}
+	switch r.Type {
 	case cmdRead:
 		return 0
 	case cmdWrite:
@@ -268,16 +272,16 @@ func latKind(typ uint16) int {
 	return -1
 }
 
-// fast reports whether a request of this type should run on the reader:
-// recent requests of its type took less than Config.InlineBelow.
-func (c *conn) fast(typ uint16) bool {
-	k := latKind(typ)
+// fast reports whether r should run on the reader: recent requests of its
+// kind took less than Config.InlineBelow.
+func (c *conn) fast(r *request) bool {
+	k := latKind(r)
 	return k >= 0 && c.s.cfg.InlineBelow > 0 && time.Duration(c.lat[k].Load()) < c.s.cfg.InlineBelow
 }
 
 // run executes a request, tracks its latency and frees its slot.
 func (c *conn) run(sl *slot) {
-	k := latKind(sl.req.Type)
+	k := latKind(&sl.req)
 	var start time.Time
 	if k >= 0 {
 		start = time.Now()

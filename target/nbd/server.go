@@ -36,7 +36,8 @@ type Config struct {
 	// HandshakeTimeout bounds option haggling, from accept to the start of
 	// transmission. Default 30s.
 	HandshakeTimeout time.Duration
-	// InlineBelow lets the reader goroutine run a READ or WRITE itself,
+	// InlineBelow lets the reader goroutine run a READ or WRITE (of at
+	// most 1 MiB, without FUA) itself,
 	// instead of handing it to a worker, while recent requests of that
 	// type completed faster than this: for a fast device the handoff (a
 	// goroutine wakeup, often on another CPU) costs more than the request,

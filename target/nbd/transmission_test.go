@@ -671,13 +671,14 @@ func TestInlineFollowsLatency(t *testing.T) {
 		conn = k
 	}
 	ts.mu.Unlock()
-	if conn.fast(cmdRead) || conn.fast(cmdFlush) {
+	read, flush := &request{Type: cmdRead, Length: 512}, &request{Type: cmdFlush}
+	if conn.fast(read) || conn.fast(flush) {
 		t.Fatal("a new connection runs requests inline before measuring")
 	}
 	for i := range 100 {
 		c.readBack(false, uint64(i), 0, 512)
 	}
-	if !conn.fast(cmdRead) {
+	if !conn.fast(read) || conn.fast(&request{Type: cmdRead, Length: 2 << 20}) {
 		t.Fatalf("reads at %v average still not inline", time.Duration(conn.lat[0].Load()))
 	}
 	// The device stalls: the next read runs inline and blocks the reader
@@ -693,7 +694,7 @@ func TestInlineFollowsLatency(t *testing.T) {
 	}
 	c.read(512)
 	c.readBack(false, 1001, 0, 512) // the reader has recorded the sample
-	if conn.fast(cmdRead) {
+	if conn.fast(read) {
 		t.Errorf("reads still inline after a %v average", time.Duration(conn.lat[0].Load()))
 	}
 }
