@@ -104,6 +104,14 @@ func (c *testCluster) down() {
 	if m, _ := filepath.Glob(filepath.Join(c.dir, "n*.pid")); len(m) > 0 {
 		c.t.Errorf("cluster-down left pid files: %v", m)
 	}
+	for i := 1; i <= c.n; i++ {
+		data, _ := os.ReadFile(filepath.Join(c.dir, fmt.Sprintf("n%d.log", i)))
+		for _, bad := range []string{"WARNING: DATA RACE", "panic:", "fatal error:"} {
+			if j := bytes.Index(data, []byte(bad)); j >= 0 {
+				c.t.Errorf("n%d.log has %q:\n%s", i, bad, data[j:min(len(data), j+4000)])
+			}
+		}
+	}
 }
 
 // pids reads the pid files.
