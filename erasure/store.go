@@ -218,28 +218,55 @@ func (l *Local) ReadAt(ctx context.Context, id ShardID, p []byte, off int64) err
 	if len(p) == 0 {
 		return nil
 	}
-	// Read whole checksum blocks.
-	b0 := off / crcBlock
-	b1 := (off + int64(len(p)) + crcBlock - 1) / crcBlock
-	lo, hi := b0*crcBlock, min(b1*crcBlock, s.n)
-	var buf []byte
-	var stack [crcBlock * 2]byte
-	if hi-lo <= int64(len(stack)) {
-		buf = stack[:hi-lo]
-	} else {
-		buf = make([]byte, hi-lo)
-	}
-	if _, err := s.f.ReadAt(buf, lo); err != nil && !(errors.Is(err, io.EOF)) {
-		return fmt.Errorf("erasure: read %v: %w", id, err)
-	}
-	for b := b0; b < b1; b++ {
-		blk := buf[(b-b0)*crcBlock : min(int64(len(buf)), (b-b0+1)*crcBlock)]
+	// Every checksum block the range touches is read whole and verified:
+	// the blocks wholly inside p are read in place, the partial ones at
+	// either end through a small buffer.
+	end := off + int64(len(p))
+	for at := off; at < end; {
+		b := at / crcBlock
+		blo, bhi := b*crcBlock, min((b+1)*crcBlock, s.n)
+		if at == blo && (bhi <= end) {
+			// Run of whole blocks: read them straight into p.
+			n := (end - at) / crcBlock * crcBlock
+			if at+n > s.n || n == 0 {
+				n = bhi - at
+			}
+			dst := p[at-off : at-off+n]
+			if err := readFull(s, dst, at); err != nil {
+				return fmt.Errorf("erasure: read %v: %w", id, err)
+			}
+			for i := int64(0); i < n; i += crcBlock {
+				blk := dst[i:min(n, i+crcBlock)]
+				if crc32.Checksum(blk, castagnoli) != s.crcs[(at+i)/crcBlock] {
+					return fmt.Errorf("%w: shard %v block %d", ErrChecksum, id, (at+i)/crcBlock)
+				}
+			}
+			at += n
+			continue
+		}
+		var tmp [crcBlock]byte
+		blk := tmp[:bhi-blo]
+		if err := readFull(s, blk, blo); err != nil {
+			return fmt.Errorf("erasure: read %v: %w", id, err)
+		}
 		if crc32.Checksum(blk, castagnoli) != s.crcs[b] {
 			return fmt.Errorf("%w: shard %v block %d", ErrChecksum, id, b)
 		}
+		n := copy(p[at-off:], blk[at-blo:min(bhi, end)-blo])
+		at += int64(n)
 	}
-	copy(p, buf[off-lo:])
 	return nil
+}
+
+func readFull(s *openShard, p []byte, off int64) error {
+	n, err := s.f.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return err
 }
 
 func (l *Local) Delete(ctx context.Context, id ShardID) error {
