@@ -16,7 +16,9 @@ Per cell it takes, from the job's read or write side (the one that moved data):
              sync.lat_ns percentiles instead (the flush dominates the cycle)
 
 and prints, per row and peer, the median over rounds, with min..max of IOPS.
-Ratios are median stor IOPS / median peer IOPS. The row with the lowest
+Ratios are median stor IOPS / median peer IOPS. A second table gives the
+server's CPU time per I/O (from ROW.PEER.rROUND.cpu: "TICKS HZ", the
+server's utime+stime+cutime+cstime over the cell) and the cores it kept busy. The row with the lowest
 stor/FIRST-OTHER-PEER ratio is written to RESULTS_DIR/worst-row as
 "ROW PEER RATIO", for the profile.
 """
@@ -44,7 +46,19 @@ def cell(path, row):
     pct = side["clat_ns"].get("percentile", {})
     if row.endswith("fsync") and "sync" in job:
         pct = job["sync"]["lat_ns"].get("percentile", pct)
+    cpu_us, cores = None, None
+    cpu_path = path[: -len(".json")] + ".cpu"
+    if os.path.exists(cpu_path):
+        with open(cpu_path) as f:
+            ticks, hz = (float(x) for x in f.read().split())
+        secs = ticks / hz
+        if side.get("total_ios"):
+            cpu_us = secs * 1e6 / side["total_ios"]
+        if job.get("job_runtime"):
+            cores = secs / (job["job_runtime"] / 1e3)
     return {
+        "cpu_us": cpu_us,
+        "cores": cores,
         "iops": side["iops"],
         "mbs": side["bw_bytes"] / 1e6,
         "p50": pct.get("50.000000", 0) / 1e3,
@@ -66,6 +80,20 @@ def nfmt(v):
     if v >= 100:
         return f"{v:.0f}"
     return f"{v:.1f}"
+
+
+def median_or_none(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def table(lines):
+    widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+    def fmt(l):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"
+    out = [fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [fmt(l) for l in lines[1:]]
+    print("\n".join(out))
 
 
 def main():
@@ -96,6 +124,8 @@ def main():
             "mbs": statistics.median(c["mbs"] for c in cs),
             "p50": statistics.median(c["p50"] for c in cs),
             "p99": statistics.median(c["p99"] for c in cs),
+            "cpu_us": median_or_none([c["cpu_us"] for c in cs]),
+            "cores": median_or_none([c["cores"] for c in cs]),
         }
 
     others = [p for p in peers if p != "stor"]
@@ -129,18 +159,37 @@ def main():
                 worst, worst_ratio = row, r
         lines.append(line)
 
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-    def fmt(l):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"
-    print(fmt(lines[0]))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for l in lines[1:]:
-        print(fmt(l))
+    table(lines)
     rounds = sorted({m["n"] for m in med.values()})
     print()
     print(f"IOPS: median over {'/'.join(map(str, rounds))} round(s), min..max in brackets; "
           "MB/s and latencies: medians; latency is fio's completion latency "
           "(the fsync row: the flush's latency).")
+
+    if any(m["cpu_us"] is not None for m in med.values()):
+        print()
+        head = ["row"] + [f"{p} CPU µs/op (cores)" for p in peers] + [f"stor/{p} CPU/op" for p in others]
+        lines = [head]
+        for row in rows:
+            line = [row]
+            for p in peers:
+                m = med.get((row, p))
+                if m is None or m["cpu_us"] is None:
+                    line.append("-")
+                    continue
+                line.append(f"{nfmt(m['cpu_us'])} ({m['cores']:.2f})" if m["cores"] is not None else nfmt(m["cpu_us"]))
+            for p in others:
+                s, o = med.get((row, "stor")), med.get((row, p))
+                if s is None or o is None or not s["cpu_us"] or not o["cpu_us"]:
+                    line.append("-")
+                    continue
+                line.append(f"{s['cpu_us'] / o['cpu_us']:.2f}")
+            lines.append(line)
+        table(lines)
+        print()
+        print("Server CPU time (user+system, threads and reaped children, from /proc/PID/stat) "
+              "per I/O and in cores busy, medians; fio's own CPU is not counted. "
+              "Less sensitive to a shared machine than IOPS; a CPU/op ratio below 1 favours stor.")
     if worst is not None:
         with open(os.path.join(results, "worst-row"), "w") as f:
             f.write(f"{worst} {others[0]} {worst_ratio:.2f}\n")
