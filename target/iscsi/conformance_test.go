@@ -33,7 +33,7 @@ import (
 // cuCounts is the outcome of one suite (family).
 type cuCounts struct {
 	pass, fail, skip int
-	failed           []string
+	failed, passed   []string
 }
 
 var cuTestRE = regexp.MustCompile(`(?m)^  Test: (\S+) \.\.\.`)
@@ -61,6 +61,7 @@ func parseCU(log string) cuCounts {
 			c.skip++
 		default:
 			c.pass++
+			c.passed = append(c.passed, name)
 		}
 	}
 	return c
@@ -168,6 +169,18 @@ func TestConformanceLibiscsi(t *testing.T) {
 		for _, f := range c.failed {
 			if !allowed[s+"."+f] {
 				t.Errorf("%s.%s failed", s, f)
+			}
+		}
+		if peer == nil {
+			continue
+		}
+		ours := map[string]bool{}
+		for _, p := range c.passed {
+			ours[p] = true
+		}
+		for _, p := range peer[s].passed {
+			if !ours[p] {
+				t.Errorf("%s.%s: tgtd passes, stor does not", s, p)
 			}
 		}
 	}

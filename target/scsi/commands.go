@@ -50,6 +50,8 @@ const (
 	opWrite12         = 0xaa
 	opWriteVerify12   = 0xae
 	opVerify12        = 0xaf
+	opReadDefect10    = 0x37
+	opReadDefect12    = 0xb7
 
 	saReadCapacity16 = 0x10
 	saGetLBAStatus   = 0x12
@@ -145,6 +147,8 @@ func init() {
 			l.fail(t, senseIllegal, ascInvalidFieldCDB)
 		}
 	})
+	add(opReadDefect10, 10, classRead, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.readDefects(t, false) })
+	add(opReadDefect12, 12, classRead, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.readDefects(t, true) })
 	add(opReserve6, 6, classPR, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.reserve6(t) })
 	add(opRelease6, 6, classPR, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.release6(t) })
 	add(opPRIn, 10, classPR, func(l *LU, ctx context.Context, dev target.BlockDevice, t *Task) { l.prIn(t) }, 0, 1, 2, 3)
@@ -399,7 +403,7 @@ func (l *LU) reportOpcodes(t *Task) {
 	case 1, 2:
 		c := cmdTable[reqOp]
 		if c.run != nil && (opts == 1) != (len(c.sas) == 0) {
-			l.fail(t, senseIllegal, ascInvalidFieldCDB)
+			l.failField(t, 2)
 			return
 		}
 		supported := c.run != nil
@@ -461,4 +465,20 @@ func (l *LU) reportTPG(t *Task) {
 	b[11] = 1 // one port
 	binary.BigEndian.PutUint16(b[14:], 1)
 	t.setIn(b[:min(alloc, len(b))])
+}
+
+// readDefects implements READ DEFECT DATA (10) and (12) (SBC-3 5.20-5.21):
+// a virtual disk has no defects, so the list is empty in the format asked.
+func (l *LU) readDefects(t *Task, twelve bool) {
+	flags := t.CDB[2] & 0x1f
+	if twelve {
+		flags = t.CDB[1] & 0x1f
+		b := make([]byte, 8)
+		b[1] = flags
+		t.setIn(b[:min(int(binary.BigEndian.Uint32(t.CDB[6:])), len(b))])
+		return
+	}
+	b := make([]byte, 4)
+	b[1] = flags
+	t.setIn(b[:min(alloc16(t, 7), len(b))])
 }

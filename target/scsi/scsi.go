@@ -305,6 +305,24 @@ func (l *LU) failInfo(t *Task, key byte, asc uint16, valid bool, info uint64) {
 	t.SenseLen = buildSense(t.Sense[:], desc, key, asc, valid, info)
 }
 
+// failField fails t with ILLEGAL REQUEST, INVALID FIELD IN CDB and the
+// sense-key-specific field pointer at CDB byte i (SPC-4 4.5.2.4.2), so an
+// initiator can tell a bad field from an unsupported service action.
+func (l *LU) failField(t *Task, i int) {
+	l.fail(t, senseIllegal, ascInvalidFieldCDB)
+	sks := [3]byte{0x80 | 0x40, byte(i >> 8), byte(i)} // SKSV, C/D=CDB
+	if t.Sense[0] == 0x72 {
+		d := t.Sense[t.SenseLen:]
+		d[0], d[1], d[2], d[3] = 0x02, 0x06, 0, 0
+		copy(d[4:7], sks[:])
+		d[7] = 0
+		t.SenseLen += 8
+		t.Sense[7] += 8
+		return
+	}
+	copy(t.Sense[15:18], sks[:])
+}
+
 // failLocked is fail for callers holding l.mu. REQUIRES: l.mu.
 func (l *LU) failLocked(t *Task, key byte, asc uint16) {
 	t.Status = StatusCheckCondition
