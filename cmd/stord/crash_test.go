@@ -129,20 +129,87 @@ func parseStamp(b []byte) readVersion {
 	}
 }
 
-// crashWriter is one writer's books. Only its goroutine touches them while
-// it runs; the test reads them after joining it.
+// crashWriter is one writer's books. The writer goroutine issues its
+// requests alone; its books are shared with the flusher goroutine, which
+// flushes on another connection (CAN_MULTI_CONN: a FLUSH covers the writes
+// completed on every connection), so they live under mu.
 type crashWriter struct {
 	id     uint32
 	lo, hi uint64 // owned blocks [lo, hi)
-	seq    uint64
-	blocks []blockState // indexed by block - lo
+	seq    uint64 // owned by the writer goroutine
 
-	acked   int64 // writes acknowledged, all cycles
-	flushes int64 // flushes completed, all cycles
+	mu struct {
+		sync.Mutex
+		blocks  []blockState // indexed by block - lo
+		pending []ackRec     // acknowledged this cycle, in order
+		flushed int          // pending[:flushed] are durable
+		acked   int64        // writes acknowledged, all cycles
+		flushes int64        // flushes completed by the writer, all cycles
+	}
+}
+
+// ackRec is an acknowledged write, trim or zeroing of blocks [lo, lo+n).
+type ackRec struct {
+	lo, n uint64
+	v     bver
+}
+
+// issue records v as sent to [lo, lo+n).
+func (w *crashWriter) issue(lo, n uint64, v bver) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for b := lo; b < lo+n; b++ {
+		s := &w.mu.blocks[b-w.lo]
+		s.cand = append(s.cand, v)
+	}
+}
+
+// ack records that the server acknowledged v; with fua it is durable.
+func (w *crashWriter) ack(lo, n uint64, v bver, fua bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.mu.acked++
+	for b := lo; b < lo+n; b++ {
+		s := &w.mu.blocks[b-w.lo]
+		s.cand[len(s.cand)-1].acked = true
+		if fua {
+			s.advance(v)
+		}
+	}
+	if !fua {
+		w.mu.pending = append(w.mu.pending, ackRec{lo, n, v})
+	}
+}
+
+// flushMark is taken before a FLUSH is sent: what it will cover.
+func (w *crashWriter) flushMark() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return len(w.mu.pending)
+}
+
+// flushDone records a completed FLUSH sent at mark.
+func (w *crashWriter) flushDone(mark int) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, r := range w.mu.pending[min(w.mu.flushed, mark):mark] {
+		for b := r.lo; b < r.lo+r.n; b++ {
+			w.mu.blocks[b-w.lo].advance(r.v)
+		}
+	}
+	w.mu.flushed = max(w.mu.flushed, mark)
+}
+
+// newCycle forgets the acknowledgements of the last cycle (they were
+// checked against what the restarted stord holds).
+func (w *crashWriter) newCycle() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.mu.pending, w.mu.flushed = nil, 0
 }
 
 type crashStats struct {
-	kills, drains, checked, lost, torn, misplaced int64
+	kills, drains, flushes, checked, lost, torn, misplaced int64
 	// Allowed outcomes, counted for the log: a write in flight at the kill
 	// that did not land, an acknowledged but unflushed write rolled back.
 	notLanded, rolledBack int64
@@ -176,9 +243,10 @@ func TestCrashSIGKILL(t *testing.T) {
 	for i := range ws {
 		lo := uint64(i) * crashBlocks / crashWriters
 		hi := uint64(i+1) * crashBlocks / crashWriters
-		ws[i] = &crashWriter{id: uint32(i), lo: lo, hi: hi, blocks: make([]blockState, hi-lo)}
-		for j := range ws[i].blocks {
-			ws[i].blocks[j].dur = bver{zero: true} // a new volume reads as zeros
+		ws[i] = &crashWriter{id: uint32(i), lo: lo, hi: hi}
+		ws[i].mu.blocks = make([]blockState, hi-lo)
+		for j := range ws[i].mu.blocks {
+			ws[i].mu.blocks[j].dur = bver{zero: true} // a new volume reads as zeros
 		}
 	}
 	var st crashStats
@@ -189,7 +257,7 @@ func TestCrashSIGKILL(t *testing.T) {
 			t.Fatalf("crash test over its %v budget after %d cycles", budget, cycle-1)
 		}
 		target := 200 + rng.IntN(3000)
-		runWriters(t, d, ws, uint32(cycle), rng.Uint64(), target, func() {
+		runWriters(t, d, ws, &st, uint32(cycle), rng.Uint64(), target, func() {
 			// Kill at a moment a little after the target: some writes are
 			// always in flight.
 			time.Sleep(time.Duration(rng.IntN(3000)) * time.Microsecond)
@@ -209,31 +277,31 @@ func TestCrashSIGKILL(t *testing.T) {
 	// Clean stops: SIGTERM while the writers run must drain, flush and
 	// exit 0, and then every acknowledged write is there, flushed or not.
 	for cycle := cycles + 1; cycle <= cycles+3 && !t.Failed(); cycle++ {
-		runWriters(t, d, ws, uint32(cycle), rng.Uint64(), 200+rng.IntN(1000), func() {
+		runWriters(t, d, ws, &st, uint32(cycle), rng.Uint64(), 200+rng.IntN(1000), func() {
 			d.stopWith(syscall.SIGTERM)
 			st.drains++
 		})
 		d.start()
 		verifyCrash(t, d, ws, &st, true)
 	}
-	var acked, flushes int64
+	acked, flushes := int64(0), st.flushes
 	for _, w := range ws {
-		acked += w.acked
-		flushes += w.flushes
+		acked += w.mu.acked
+		flushes += w.mu.flushes
 	}
-	t.Logf("kills %d, clean stops under load %d, writes acked %d, flushes %d, flushed blocks checked %d, lost %d, torn %d, misplaced %d; "+
+	t.Logf("kills %d, clean stops under load %d, writes acked %d, flushes %d (%d from the flusher connection), flushed blocks checked %d, lost %d, torn %d, misplaced %d; "+
 		"allowed: blocks whose in-flight write did not land %d, whose acknowledged unflushed write was rolled back %d; %v",
-		st.kills, st.drains, acked, flushes, st.checked, st.lost, st.torn, st.misplaced, st.notLanded, st.rolledBack,
+		st.kills, st.drains, acked, flushes, st.flushes, st.checked, st.lost, st.torn, st.misplaced, st.notLanded, st.rolledBack,
 		time.Since(start).Round(time.Millisecond))
 	if st.kills < 20 && !testing.Short() && os.Getenv("CRASH_CYCLES") == "" {
 		t.Errorf("only %d kill points, want at least 20", st.kills)
 	}
 }
 
-// runWriters runs the writers until together they have target acked
-// writes, then calls kill (if not nil) while they run and waits for them to
-// fail; with kill nil it stops them cleanly.
-func runWriters(t *testing.T, d *daemon, ws []*crashWriter, cycle uint32, seed uint64, target int, kill func()) {
+// runWriters runs the writers and a flusher until together the writers
+// have target acked writes, then calls kill (if not nil) while they run and
+// waits for them to fail; with kill nil it stops them cleanly.
+func runWriters(t *testing.T, d *daemon, ws []*crashWriter, st *crashStats, cycle uint32, seed uint64, target int, kill func()) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -245,7 +313,42 @@ func runWriters(t *testing.T, d *daemon, ws []*crashWriter, cycle uint32, seed u
 		stop    atomic.Bool
 		wg      sync.WaitGroup
 	)
-	errs := make([]error, len(ws))
+	errs := make([]error, len(ws)+1)
+	for _, w := range ws {
+		w.newCycle()
+	}
+	fc, err := nbdtest.Dial(ctx, d.nbdAddr, "crash")
+	if err != nil {
+		t.Fatalf("flusher: %v", err)
+	}
+	var flushes atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer fc.Close()
+		rng := rand.New(rand.NewPCG(seed, 99))
+		marks := make([]int, len(ws))
+		for !stop.Load() {
+			for i, w := range ws {
+				marks[i] = w.flushMark()
+			}
+			if err := fc.Flush(ctx); err != nil {
+				if !killed.Load() {
+					errs[len(ws)] = fmt.Errorf("flusher: %w", err)
+				}
+				return
+			}
+			flushes.Add(1)
+			for i, w := range ws {
+				w.flushDone(marks[i])
+			}
+			// Pace the flusher: it is a load generator, not a wait.
+			select {
+			case <-time.After(time.Duration(1+rng.IntN(50)) * time.Millisecond):
+			case <-fc.Done():
+			}
+		}
+	}()
 	for i, w := range ws {
 		c, err := nbdtest.Dial(ctx, d.nbdAddr, "crash")
 		if err != nil {
@@ -274,10 +377,10 @@ func runWriters(t *testing.T, d *daemon, ws []*crashWriter, cycle uint32, seed u
 	if kill != nil {
 		killed.Store(true)
 		kill()
-	} else {
-		stop.Store(true)
 	}
+	stop.Store(true)
 	wg.Wait()
+	st.flushes += flushes.Load()
 	for i, err := range errs {
 		if err != nil {
 			t.Errorf("writer %d before the kill: %v", i, err)
@@ -288,26 +391,18 @@ func runWriters(t *testing.T, d *daemon, ws []*crashWriter, cycle uint32, seed u
 // run issues writes, trims, zeroes and flushes at QD1 until stop is set
 // or a request fails (stord was killed).
 func (w *crashWriter) run(ctx context.Context, c *nbdtest.Client, rng *rand.Rand, cycle uint32, stop *atomic.Bool, acked func()) error {
-	type ackRec struct {
-		lo, n uint64
-		v     bver
-	}
-	var pending []ackRec // acknowledged since the last completed flush
 	buf := make([]byte, 16*crashBlock)
 	untilFlush := 1 + rng.IntN(40)
 	for !stop.Load() {
 		if untilFlush == 0 {
-			covered := pending
+			mark := w.flushMark()
 			if err := c.Flush(ctx); err != nil {
 				return fmt.Errorf("flush: %w", err)
 			}
-			for _, r := range covered {
-				for b := r.lo; b < r.lo+r.n; b++ {
-					w.blocks[b-w.lo].advance(r.v)
-				}
-			}
-			pending = pending[:0]
-			w.flushes++
+			w.flushDone(mark)
+			w.mu.Lock()
+			w.mu.flushes++
+			w.mu.Unlock()
 			untilFlush = 1 + rng.IntN(40)
 			continue
 		}
@@ -320,10 +415,7 @@ func (w *crashWriter) run(ctx context.Context, c *nbdtest.Client, rng *rand.Rand
 		if op >= 85 {
 			v.zero = true
 		}
-		for b := lo; b < lo+n; b++ {
-			s := &w.blocks[b-w.lo]
-			s.cand = append(s.cand, v)
-		}
+		w.issue(lo, n, v)
 		var err error
 		fua := false
 		off, length := int64(lo*crashBlock), int64(n*crashBlock)
@@ -343,19 +435,8 @@ func (w *crashWriter) run(ctx context.Context, c *nbdtest.Client, rng *rand.Rand
 		if err != nil {
 			return fmt.Errorf("seq %d at block %d+%d: %w", v.seq, lo, n, err)
 		}
-		w.acked++
+		w.ack(lo, n, v, fua)
 		acked()
-		for b := lo; b < lo+n; b++ {
-			s := &w.blocks[b-w.lo]
-			s.cand[len(s.cand)-1].acked = true
-		}
-		if fua {
-			for b := lo; b < lo+n; b++ {
-				w.blocks[b-w.lo].advance(v)
-			}
-		} else {
-			pending = append(pending, ackRec{lo, n, v})
-		}
 	}
 	return nil
 }
@@ -390,7 +471,7 @@ func verifyCrash(t *testing.T, d *daemon, ws []*crashWriter, st *crashStats, cle
 		for i := 0; i < chunk/crashBlock; i++ {
 			b := uint64(off/crashBlock) + uint64(i)
 			w := ws[b*crashWriters/crashBlocks]
-			s := &w.blocks[b-w.lo]
+			s := &w.mu.blocks[b-w.lo] // the writers are joined
 			r := parseStamp(buf[i*crashBlock : (i+1)*crashBlock])
 			if !s.dur.zero || s.dur.seq > 0 {
 				st.checked++
