@@ -176,7 +176,8 @@ func (c *testCluster) logs() string {
 // TestClusterFailover: three nodes by cluster-up; storctl sees the leader,
 // three voters and three active nodes and creates volumes; after SIGKILL
 // of the leader, volume create works again within seconds through a
-// survivor; cluster-up restarts the killed node, which rejoins.
+// survivor; cluster-up restarts the killed node, which rejoins; after
+// cluster-down and cluster-up every volume is still there.
 func TestClusterFailover(t *testing.T) {
 	c := startCluster(t, 3)
 
@@ -257,6 +258,15 @@ func TestClusterFailover(t *testing.T) {
 	c.mustJSON(li, &vols, "volume", "list")
 	if len(vols) != 2 {
 		t.Errorf("after the restart: %d volumes, want 2 (v1, v2): %+v", len(vols), vols)
+	}
+
+	// Every node stopped and started again: nothing committed is lost.
+	c.down()
+	c.up()
+	checkNodes(t, c, 2, 3)
+	c.mustJSON(3, &vols, "volume", "list")
+	if len(vols) != 2 || vols[0].Name != "v1" || vols[1].Name != "v2" {
+		t.Errorf("after a full restart: %+v, want v1 and v2", vols)
 	}
 }
 

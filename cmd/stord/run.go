@@ -18,10 +18,11 @@ package main
 //
 // Start-up: the control role opens its raft node (bootstrapping a
 // one-voter cluster with --bootstrap and no raft state), then the API and
-// NBD listeners serve. A node never registered yet (node.json) registers
-// synchronously through --join (or itself when bootstrapping), bounded by
-// --join-timeout, so a wrong --join or a node id already registered with
-// other addresses ends the process with one clear error. Then the
+// NBD listeners serve. The node registers synchronously through --join and
+// its own API, bounded by --join-timeout, so a wrong --join or a node id
+// already registered with other addresses ends the process with one clear
+// error; a node registered before (node.json) goes on when no control node
+// answers, since the whole cluster may be restarting. Then the
 // membership agent (ctl/control.StartAgent) joins the raft group (control
 // role) and heartbeats.
 //
@@ -62,6 +63,7 @@ var (
 	errConfig    = errors.New("bad configuration")
 	errJoin      = errors.New("cannot join the cluster")
 	errDataOwner = errors.New("data directory belongs to another node")
+	errNoAnswer  = errors.New("no control node accepted the registration")
 )
 
 var allRoles = []string{cluster.NodeRoleControl, cluster.NodeRoleHead, cluster.NodeRoleSled, cluster.NodeRoleExport}
@@ -367,10 +369,16 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	})
 
 	spec := n.spec()
-	if !nf.Registered {
-		if err := n.checkIn(ctx, spec); err != nil {
-			return err
-		}
+	// Its own API serves once this node is a voter (it forwards to the leader).
+	self := f.bootstrap || (n.ctl != nil && nf.Registered)
+	switch err := n.checkIn(ctx, spec, self); {
+	case errors.Is(err, errNoAnswer) && nf.Registered:
+		// A known node: the cluster may be restarting and elect a
+		// leader only once this node's raft runs. The agent goes on.
+		n.log.Warn("no control node answered the check-in yet; going on", "err", err)
+	case err != nil:
+		return err
+	case !nf.Registered:
 		nf.Registered = true
 		if err := saveNodeFile(f.data, nf); err != nil {
 			return err
@@ -423,12 +431,14 @@ func (n *node) spec() cluster.NodeSpec {
 	return s
 }
 
-// checkIn registers a new node through the control plane, bounded by
-// --join-timeout: a wrong --join or a node id registered with other
-// addresses is an error here, not a retry loop in the background.
-func (n *node) checkIn(ctx context.Context, spec cluster.NodeSpec) error {
+// checkIn registers the node through the control plane (again, after a
+// restart: the same addresses are accepted), bounded by --join-timeout: a
+// wrong --join or a node id registered with other addresses is an error
+// here, not a retry loop in the background. No answer at all wraps
+// errNoAnswer, which a node registered before rides out.
+func (n *node) checkIn(ctx context.Context, spec cluster.NodeSpec, self bool) error {
 	urls := slices.Clone(n.f.join)
-	if n.f.bootstrap {
+	if self {
 		urls = append([]string{"http://" + spec.Addr.API}, urls...)
 	}
 	ctx, cancel := context.WithTimeout(ctx, n.f.joinTimeout)
@@ -464,7 +474,7 @@ func (n *node) checkIn(ctx context.Context, spec cluster.NodeSpec) error {
 					parts = append(parts, fmt.Sprintf("%s: %v", u, e))
 				}
 			}
-			return fmt.Errorf("%w: no control node accepted the registration within %v (%s)", errJoin, n.f.joinTimeout, strings.Join(parts, "; "))
+			return fmt.Errorf("%w: %w within %v (%s)", errJoin, errNoAnswer, n.f.joinTimeout, strings.Join(parts, "; "))
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
