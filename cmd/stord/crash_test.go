@@ -43,9 +43,13 @@ import (
 // block the test keeps dur, the newest version known durable (acknowledged
 // with FUA, or acknowledged before a FLUSH that completed), and cand, the
 // versions issued after dur (acknowledged or still in flight when stord
-// died). After a crash a block must read as dur or as one of cand:
-// anything else is a lost flushed write; a stamp with a bad crc is torn.
-// After checking, the test flushes, so what was read becomes dur.
+// died). A fifth connection flushes too: by CAN_MULTI_CONN its FLUSH
+// covers the writes every writer had acknowledged when it was sent. After a
+// SIGKILL a block must read as dur or as one of cand: anything else is a
+// lost flushed write; a stamp with a bad crc is torn. After a SIGTERM under
+// load (stord drains, flushes and exits 0) a block must read as its newest
+// acknowledged version or a later one. After checking, the test flushes,
+// so what was read becomes dur.
 
 const (
 	crashBlock   = 4096
