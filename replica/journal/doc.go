@@ -49,7 +49,8 @@
 //
 // # Durability contract
 //
-//   - Append writes the whole record with one write call and does not fsync.
+//   - Append writes the whole record (with one write call up to 1 MiB) and
+//     does not fsync.
 //     The record is readable (ReadAt, Replay) as soon as Append returns, and
 //     survives a crash of the process (SIGKILL) but not of the machine.
 //   - Sync returns once every record whose Append returned before Sync was

@@ -529,8 +529,8 @@ func (j *Journal) poison(err error) error {
 	return j.failed()
 }
 
-// Append writes r as the next record of the journal with a single write
-// call, and returns the position of its data. It does not fsync (see Sync).
+// Append writes r as the next record of the journal (one write call for a
+// record up to 1 MiB, header then payload in place for larger ones), and returns the position of its data. It does not fsync (see Sync).
 // r.OpNum must exceed every opnum appended before, and 0 (ErrOpNum); r is
 // checked against the format rules (ErrInvalid). The journal does not keep
 // r. A failed Append appends nothing; see the package doc for ErrFailed.
@@ -557,17 +557,30 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 		s = j.mu.active
 	}
 	n := HeaderSize + len(r.Data) + len(r.Aux)
-	b := j.mu.buf
-	if cap(b) < n {
-		b = make([]byte, n)
-		if n <= keepBufSize {
+	off := s.size.Load()
+	var werr error
+	if n <= keepBufSize {
+		// One write of the assembled record.
+		b := j.mu.buf
+		if cap(b) < n {
+			b = make([]byte, n)
 			j.mu.buf = b
 		}
+		b = b[:n]
+		encodeRecord(b, r)
+		_, werr = s.f.WriteAt(b, off)
+	} else {
+		// A large record is written in place, piece by piece, rather than
+		// copied: the crc still tells a torn record from a whole one.
+		var h [HeaderSize]byte
+		encodeHeader(h[:], r)
+		if _, werr = s.f.WriteAt(h[:], off); werr == nil {
+			if _, werr = s.f.WriteAt(r.Data, off+HeaderSize); werr == nil && len(r.Aux) > 0 {
+				_, werr = s.f.WriteAt(r.Aux, off+HeaderSize+int64(len(r.Data)))
+			}
+		}
 	}
-	b = b[:n]
-	encodeRecord(b, r)
-	off := s.size.Load()
-	if _, err := s.f.WriteAt(b, off); err != nil {
+	if err := werr; err != nil {
 		// Out of space, say. Cut whatever part of the record landed, so that
 		// the next Append follows valid data; if that fails, give up.
 		err = fmt.Errorf("journal: write %s at %d: %w", s.path, off, err)

@@ -117,23 +117,30 @@ func checkRecord(r *Record) error {
 // encodeRecord writes r's header, data and aux into b, which must hold
 // HeaderSize+len(r.Data)+len(r.Aux) bytes.
 func encodeRecord(b []byte, r *Record) {
-	_ = b[HeaderSize-1]
-	binary.LittleEndian.PutUint32(b[0:], magic)
-	b[4] = byte(r.Kind)
-	b[5] = r.Flags
-	b[6] = version
-	b[7] = 0
-	binary.LittleEndian.PutUint64(b[8:], r.Epoch)
-	binary.LittleEndian.PutUint64(b[16:], r.OpNum)
-	binary.LittleEndian.PutUint64(b[24:], uint64(r.Off))
-	binary.LittleEndian.PutUint32(b[32:], uint32(r.Len))
-	binary.LittleEndian.PutUint32(b[36:], uint32(len(r.Aux)))
-	binary.LittleEndian.PutUint32(b[40:], 0)
+	encodeHeader(b[:HeaderSize], r)
 	n := HeaderSize + copy(b[HeaderSize:], r.Data)
 	copy(b[n:], r.Aux)
-	crc := crc32.Update(0, castagnoli, b[:crcOff])
-	crc = crc32.Update(crc, castagnoli, b[HeaderSize:HeaderSize+len(r.Data)+len(r.Aux)])
-	binary.LittleEndian.PutUint32(b[crcOff:], crc)
+}
+
+// encodeHeader fills the HeaderSize bytes of h for r, with the crc of the
+// header and r's payload (data, then aux).
+func encodeHeader(h []byte, r *Record) {
+	_ = h[HeaderSize-1]
+	binary.LittleEndian.PutUint32(h[0:], magic)
+	h[4] = byte(r.Kind)
+	h[5] = r.Flags
+	h[6] = version
+	h[7] = 0
+	binary.LittleEndian.PutUint64(h[8:], r.Epoch)
+	binary.LittleEndian.PutUint64(h[16:], r.OpNum)
+	binary.LittleEndian.PutUint64(h[24:], uint64(r.Off))
+	binary.LittleEndian.PutUint32(h[32:], uint32(r.Len))
+	binary.LittleEndian.PutUint32(h[36:], uint32(len(r.Aux)))
+	binary.LittleEndian.PutUint32(h[40:], 0)
+	crc := crc32.Update(0, castagnoli, h[:crcOff])
+	crc = crc32.Update(crc, castagnoli, r.Data)
+	crc = crc32.Update(crc, castagnoli, r.Aux)
+	binary.LittleEndian.PutUint32(h[crcOff:], crc)
 }
 
 // decodeHeader parses b[:HeaderSize] and checks everything but the crc.
