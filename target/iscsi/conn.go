@@ -12,8 +12,14 @@ import (
 	"stor.dev/stor/target/scsi"
 )
 
-// maxEDTL bounds the data a single command may move.
-const maxEDTL = 64 << 20
+// maxEDTL bounds the data a single command may move; maxCollecting bounds
+// the write buffers of one connection's commands still waiting for their
+// data, so that a flood of large writes without data cannot exhaust memory
+// (such commands get TASK SET FULL).
+const (
+	maxEDTL       = 64 << 20
+	maxCollecting = 256 << 20
+)
 
 // conn is one TCP connection of a session.
 type conn struct {
@@ -36,10 +42,11 @@ type conn struct {
 
 	mu struct {
 		sync.Mutex
-		tasks   map[uint32]*task // by ITT
-		nextTTT uint32
-		text    []byte // Text response not yet sent (continuation)
-		textTTT uint32
+		tasks      map[uint32]*task // by ITT
+		collecting int64            // bytes of write buffers of tasks awaiting data
+		nextTTT    uint32
+		text       []byte // Text response not yet sent (continuation)
+		textTTT    uint32
 	}
 }
 
@@ -56,6 +63,7 @@ type task struct {
 	buf     *[]byte // data-out, then data-in; from the server's pool
 	got     uint32  // data-out bytes received
 	running bool    // all data in: executing
+	charged bool    // edtl counted in conn.mu.collecting
 
 	// Unsolicited data-out (RFC 7143 4.2.5.2).
 	unsolNext, unsolEnd, unsolSN uint32
@@ -119,6 +127,7 @@ func (c *conn) cleanup() {
 	c.mu.Lock()
 	for itt, t := range c.mu.tasks {
 		delete(c.mu.tasks, itt)
+		c.unchargeLocked(t)
 		c.srv.bufs.put(t.buf)
 		t.buf = nil
 	}
@@ -207,16 +216,21 @@ func (c *conn) scsiCommand(p *pdu) bool {
 		a = a[pad4(3+n):]
 	}
 	if t.edtl > maxEDTL || t.read && t.write {
-		c.wg.Add(1)
-		t.done.Add(1)
-		go func() {
-			defer c.wg.Done()
-			defer t.done.Done()
-			t.st.Status = scsi.StatusCheckCondition
-			t.st.SenseLen = copy(t.st.Sense[:], []byte{0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0})
-			c.respond(t)
-		}()
+		c.refuse(t, scsi.StatusCheckCondition)
 		return true
+	}
+	if t.write && t.edtl > 0 {
+		c.mu.Lock()
+		full := c.mu.collecting+int64(t.edtl) > maxCollecting
+		if !full {
+			c.mu.collecting += int64(t.edtl)
+			t.charged = true
+		}
+		c.mu.Unlock()
+		if full {
+			c.refuse(t, scsi.StatusTaskSetFull)
+			return true
+		}
 	}
 	imm := p.data
 	if !t.write {
@@ -237,6 +251,7 @@ func (c *conn) scsiCommand(p *pdu) bool {
 	}
 	c.mu.Lock()
 	if _, dup := c.mu.tasks[t.itt]; dup {
+		c.unchargeLocked(t)
 		c.mu.Unlock()
 		c.srv.bufs.put(t.buf)
 		c.reject(h, rejectTaskInProg)
@@ -278,8 +293,34 @@ func (c *conn) issueR2TsLocked(t *task) []r2t {
 	return out
 }
 
+// refuse answers t at once with status (CHECK CONDITION: INVALID FIELD IN
+// CDB) without transferring data.
+func (c *conn) refuse(t *task, st scsi.Status) {
+	c.wg.Add(1)
+	t.done.Add(1)
+	go func() {
+		defer c.wg.Done()
+		defer t.done.Done()
+		t.st.Status = st
+		if st == scsi.StatusCheckCondition {
+			t.st.SenseLen = copy(t.st.Sense[:], []byte{0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0, 0, 0, 0, 0})
+		}
+		c.respond(t)
+	}()
+}
+
+// unchargeLocked returns t's write buffer to the connection's budget.
+// REQUIRES: c.mu.
+func (c *conn) unchargeLocked(t *task) {
+	if t.charged {
+		c.mu.collecting -= int64(t.edtl)
+		t.charged = false
+	}
+}
+
 // startLocked marks t running and executes it. REQUIRES: c.mu.
 func (c *conn) startLocked(t *task) {
+	c.unchargeLocked(t)
 	t.running = true
 	c.wg.Add(1)
 	t.done.Add(1)

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -369,6 +370,7 @@ func TestSBC3_5_2_CompareAndWriteSessions(t *testing.T) {
 
 // Close drains every session, closes every device and joins goroutines.
 func TestServerCloseJoins(t *testing.T) {
+	base := runtime.NumGoroutine()
 	ts := startServer(t, Config{}, 1<<20)
 	a := login(t, ts, loginOpts{isid: 1})
 	login(t, ts, loginOpts{isid: 2})
@@ -384,6 +386,34 @@ func TestServerCloseJoins(t *testing.T) {
 	}
 	if n := ts.srv.Sessions(); n != 0 {
 		t.Fatalf("sessions = %d after Close", n)
+	}
+	<-ts.done // Serve returned
+	ts.done <- ErrClosed
+	waitFor(t, "no leaked goroutines", func() bool { return runtime.NumGoroutine() <= base })
+}
+
+// A connection flooding large writes without sending their data gets TASK
+// SET FULL once its write buffers exceed the budget, and keeps working.
+func TestWriteBufferBudget(t *testing.T) {
+	ts := startServer(t, Config{}, 1<<20)
+	ti := login(t, ts, loginOpts{initialR2T: true})
+	for i := 0; i < maxCollecting/maxEDTL; i++ {
+		var h bhs
+		h[0] = opSCSICmd
+		h[1] = 0xa1
+		h.setU32(16, uint32(1000+i))
+		h.setU32(20, maxEDTL)
+		h.setU32(24, ti.cmdSN)
+		ti.cmdSN++
+		copy(h[32:], cdb16(0x8a, 0, maxEDTL/512))
+		ti.send(&h, nil)
+	}
+	r, err := ti.command(cdb16(0x8a, 0, maxEDTL/512), []byte{}, maxEDTL, false, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.status != 0x28 {
+		t.Fatalf("status %#x, want TASK SET FULL", r.status)
 	}
 }
 

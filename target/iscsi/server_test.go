@@ -1,12 +1,14 @@
 package iscsi
 
 import (
+	"context"
 	"log/slog"
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
+	"syscall"
 	"testing"
-	"time"
 
 	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/target"
@@ -82,5 +84,7 @@ func TestServeForever(t *testing.T) {
 	ts := startServer(t, Config{Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))}, 64<<20)
 	t.Logf("serving on %s", ts.addr)
 	os.WriteFile("/tmp/iscsi-addr", []byte(ts.addr), 0o644)
-	time.Sleep(time.Hour)
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	<-ctx.Done()
 }

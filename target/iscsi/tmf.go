@@ -102,6 +102,7 @@ func (ss *session) abort(match func(*task) bool) bool {
 				continue
 			}
 			delete(c.mu.tasks, itt)
+			c.unchargeLocked(t)
 			c.srv.bufs.put(t.buf)
 			t.buf = nil
 		}
