@@ -100,8 +100,12 @@ type slot struct {
 	req request
 	pre uint32 // error value the reader already decided on (writes)
 	big int64  // bytes of c.big this request holds
-	buf []byte // hdrRoom bytes of reply header room, then the payload
-	msg [256]byte
+	// cork: the reader runs this request inline with more requests
+	// already received, so its reply may wait in wmu.pending to leave
+	// with theirs (the reader flushes before it can block).
+	cork bool
+	buf  []byte // hdrRoom bytes of reply header room, then the payload
+	msg  [256]byte
 }
 
 // payload returns buf resized for n payload bytes after the header room.
@@ -209,9 +213,13 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 	defer func() {
 		close(c.work)
 		c.workers.Wait()
+		c.flush()
 	}()
 	var hdr [requestSize]byte
 	for {
+		if br.Buffered() < requestSize {
+			c.flush()
+		}
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return err
 		}
@@ -237,6 +245,9 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 		if req.Type == cmdWrite {
 			// Judge the write before taking its payload: a refused
 			// payload is skipped, not buffered.
+			if br.Buffered() < int(req.Length) {
+				c.flush()
+			}
 			if sl.pre = c.check(&sl.req, cmdFlagFUA, classWrite, true); sl.pre != 0 {
 				_, err = br.Discard(int(req.Length))
 			} else {
@@ -249,9 +260,11 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 			}
 		}
 		if c.fast(&sl.req) {
+			sl.cork = br.Buffered() >= requestSize
 			c.run(sl) // see Config.InlineBelow
 			continue
 		}
+		sl.cork = false
 		c.work <- sl
 	}
 }
@@ -314,6 +327,7 @@ func (c *conn) slot() *slot {
 		go c.worker()
 		return &slot{}
 	}
+	c.flush()
 	return <-c.free
 }
 
@@ -329,6 +343,11 @@ func (c *conn) worker() {
 // the reader only.
 func (c *conn) acquireBig(n int64) {
 	c.big.Lock()
+	if c.big.bytes > 0 && c.big.bytes+n > maxBigInFlight {
+		c.big.Unlock()
+		c.flush()
+		c.big.Lock()
+	}
 	for c.big.bytes > 0 && c.big.bytes+n > maxBigInFlight {
 		c.big.freed.Wait()
 	}
@@ -348,14 +367,15 @@ func (c *conn) releaseBig(sl *slot) {
 	sl.big = 0
 }
 
-// send writes one whole reply. Replies coalesce: while one worker is in a
-// write call, others append their replies to wmu.pending and the writing
-// worker sends them all in its next call, so at high queue depth many
-// replies share a syscall while at queue depth 1 a reply goes straight out
-// without a copy. Replies larger than maxCoalesce wait for their turn
-// instead of being copied. A failed write means the client is gone: the
-// connection is closed so the reader stops too.
-func (c *conn) send(b []byte) {
+// send writes one whole reply b for the request in sl. Replies coalesce:
+// while one worker is in a write call, others append their replies to
+// wmu.pending and the writing worker sends them all in its next call, and
+// a reply corked by the reader (sl.cork) waits in pending for the replies
+// of the requests already received behind it. At queue depth 1 a reply
+// goes straight out without a copy. Replies larger than maxCoalesce wait
+// for their turn instead of being copied. A failed write means the client
+// is gone: the connection is closed so the reader stops too.
+func (c *conn) send(sl *slot, b []byte) {
 	c.wmu.Lock()
 	for c.wmu.writing && !c.broken.Load() &&
 		(len(b) > maxCoalesce || len(c.wmu.pending)+len(b) > maxPending) {
@@ -365,14 +385,36 @@ func (c *conn) send(b []byte) {
 		c.wmu.Unlock()
 		return
 	}
-	if c.wmu.writing {
+	if c.wmu.writing || (sl.cork && len(b) <= maxCoalesce && len(c.wmu.pending)+len(b) <= maxPending) {
 		c.wmu.pending = append(c.wmu.pending, b...)
 		c.wmu.Unlock()
 		return
 	}
 	c.wmu.writing = true
 	c.wmu.Unlock()
-	owned := false // b is the caller's until it is a pending buffer
+	c.writeLoop(b, false) // then whatever is pending, corked replies included
+}
+
+// flush writes the replies corked in wmu.pending, unless a writer is at it
+// already (it will take them). The reader calls it before anything that
+// may block.
+func (c *conn) flush() {
+	c.wmu.Lock()
+	if c.wmu.writing || len(c.wmu.pending) == 0 || c.broken.Load() {
+		c.wmu.Unlock()
+		return
+	}
+	c.wmu.writing = true
+	b := c.wmu.pending
+	c.wmu.pending, c.wmu.spare = c.wmu.spare, nil
+	c.wmu.Unlock()
+	c.writeLoop(b, true)
+}
+
+// writeLoop writes b, then the replies queued meanwhile, until none are
+// left. owned says b is a pending buffer (to recycle), not a caller's.
+// REQUIRES: the caller set c.wmu.writing.
+func (c *conn) writeLoop(b []byte, owned bool) {
 	for {
 		_, err := c.nc.Write(b)
 		c.wmu.Lock()
@@ -489,14 +531,14 @@ func (c *conn) read(sl *slot) {
 	}
 	if !c.sess.structured {
 		putSimpleReply(sl.buf[hdrRoom-simpleReplySize:], 0, r.Cookie)
-		c.send(sl.buf[hdrRoom-simpleReplySize:])
+		c.send(sl, sl.buf[hdrRoom-simpleReplySize:])
 		return
 	}
 	if n == 0 {
 		// Never a simple reply to a READ once structured replies are on.
 		b := sl.msg[:structuredReplySize]
 		putChunk(b, replyFlagDone, replyNone, r.Cookie, 0)
-		c.send(b)
+		c.send(sl, b)
 		return
 	}
 	// One OFFSET_DATA chunk, final: the data is in hand, no error can
@@ -504,7 +546,7 @@ func (c *conn) read(sl *slot) {
 	h := sl.buf[hdrRoom-structuredReplySize-8:]
 	putChunk(h, replyFlagDone, replyOffsetData, r.Cookie, uint32(8+n))
 	binary.BigEndian.PutUint64(h[structuredReplySize:], r.Offset)
-	c.send(h)
+	c.send(sl, h)
 }
 
 func (c *conn) writeZeroes(sl *slot) {
@@ -613,7 +655,7 @@ func (c *conn) blockStatus(sl *slot) {
 	}
 	p = p[:structuredReplySize+4+8*count]
 	putChunk(p, replyFlagDone, replyBlockStatus, r.Cookie, uint32(4+8*count))
-	c.send(p)
+	c.send(sl, p)
 }
 
 // reply answers a request without payload: success, or err mapped for class.
@@ -626,7 +668,7 @@ func (c *conn) reply(sl *slot, class cmdClass, err error) {
 	// replies or not ("Simple reply message").
 	b := sl.msg[:simpleReplySize]
 	putSimpleReply(b, 0, sl.req.Cookie)
-	c.send(b)
+	c.send(sl, b)
 }
 
 // replyErr answers with error value e, as a simple reply or, when
@@ -636,7 +678,7 @@ func (c *conn) replyErr(sl *slot, e uint32, err error) {
 	if !c.sess.structured {
 		b := sl.msg[:simpleReplySize]
 		putSimpleReply(b, e, sl.req.Cookie)
-		c.send(b)
+		c.send(sl, b)
 		return
 	}
 	const fixed = structuredReplySize + 6
@@ -652,5 +694,5 @@ func (c *conn) replyErr(sl *slot, e uint32, err error) {
 	binary.BigEndian.PutUint32(b[structuredReplySize:], e)
 	binary.BigEndian.PutUint16(b[structuredReplySize+4:], uint16(len(msg)))
 	copy(b[fixed:], msg)
-	c.send(b)
+	c.send(sl, b)
 }

@@ -681,11 +681,24 @@ func TestInlineFollowsLatency(t *testing.T) {
 	if !conn.fast(read) || conn.fast(&request{Type: cmdRead, Length: 2 << 20}) {
 		t.Fatalf("reads at %v average still not inline", time.Duration(conn.lat[0].Load()))
 	}
+	// Pipelined inline reads: their corked replies all come out.
+	var batch []byte
+	for i := range 50 {
+		batch = appendRequest(batch, request{Type: cmdRead, Cookie: uint64(500 + i), Offset: uint64(i) * 512, Length: 512})
+	}
+	c.write(batch)
+	for range 50 {
+		if e, _ := c.simpleReply(); e != 0 {
+			t.Fatalf("pipelined read: errno %d", e)
+		}
+		c.read(512)
+	}
+	entered := faulty.Entered()
 	// The device stalls: the next read runs inline and blocks the reader
 	// until released; then the average jumps past the threshold.
 	release := faulty.Stall()
 	c.request(0, cmdRead, 1000, 0, 512, nil)
-	eventually(t, 10*time.Second, "stalled read reached the device", func() bool { return faulty.Entered() == 101 })
+	eventually(t, 10*time.Second, "stalled read reached the device", func() bool { return faulty.Entered() == entered+1 })
 	start := time.Now()
 	eventually(t, 10*time.Second, "the stall to last 20ms", func() bool { return time.Since(start) > 20*time.Millisecond })
 	release()
