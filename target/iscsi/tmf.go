@@ -77,7 +77,9 @@ func (c *conn) taskMgmt(p *pdu) bool {
 		}
 		c.wmu.Unlock()
 		if cold {
-			c.sess.closeAll()
+			// RFC 7143 11.5.1: a cold reset ends every session of the
+			// target (here: of this volume's IQN).
+			c.srv.closeTarget(c.sess.volume)
 		}
 	}()
 	return true
@@ -280,4 +282,19 @@ func (c *conn) logout(p *pdu) bool {
 		c.sess.closeAll()
 	}
 	return reason == 1 && h.u16(20) != c.cid
+}
+
+// closeTarget closes every connection of every session on volume.
+func (s *Server) closeTarget(volume string) {
+	s.mu.Lock()
+	var ss []*session
+	for _, x := range s.mu.sessions {
+		if !x.discovery && x.volume == volume {
+			ss = append(ss, x)
+		}
+	}
+	s.mu.Unlock()
+	for _, x := range ss {
+		x.closeAll()
+	}
 }
