@@ -333,6 +333,58 @@ func TestClusterBadInput(t *testing.T) {
 	}
 }
 
+// TestClusterNonVoter: a node without the control role registers through
+// --join, heartbeats, answers /v1/status itself, and does not vote.
+func TestClusterNonVoter(t *testing.T) {
+	c := startCluster(t, 3)
+	cmd := exec.Command(stordBin, "run", "--node-id", "n4", "--roles", "sled", "--data", filepath.Join(t.TempDir(), "n4"),
+		"--api-listen", c.ip(4)+":7480", "--join", c.api(1)+","+c.api(2))
+	var errb lockedBuffer
+	cmd.Stderr = &errb
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	defer func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			if err != nil {
+				t.Errorf("n4 exited with %v after SIGTERM:\n%s", err, errb.String())
+			}
+		case <-time.After(30 * time.Second):
+			cmd.Process.Kill()
+			t.Errorf("n4 did not stop within 30s of SIGTERM:\n%s", errb.String())
+		}
+	}()
+
+	waitFor(t, "n4 active", 30*time.Second, func() bool {
+		r := c.storctl(2, "-o", "json", "node", "show", "n4")
+		var v client.NodeView
+		return r.err == nil && json.Unmarshal([]byte(r.stdout), &v) == nil && v.State == cluster.StateActive
+	})
+	var v client.NodeView
+	c.mustJSON(3, &v, "node", "show", "n4")
+	if v.Voter != nil || len(v.Roles) != 1 || v.Roles[0] != "sled" || v.Addr.Raft != "" {
+		t.Errorf("node show n4: voter %v, roles %v, raft %q; want no voter, roles [sled], no raft address", v.Voter, v.Roles, v.Addr.Raft)
+	}
+	// Healthy once its heartbeat was acknowledged.
+	var st api.Status
+	waitFor(t, "n4 healthy in its own status", 30*time.Second, func() bool {
+		r := runCmd(t, storctlBin, "--api", "http://"+c.ip(4)+":7480", "-o", "json", "status")
+		return json.Unmarshal([]byte(r.stdout), &st) == nil && st.Node == "n4" && st.Healthy
+	})
+	if r := runCmd(t, storctlBin, "--api", "http://"+c.ip(4)+":7480", "volume", "list"); r.code != 1 || !strings.Contains(r.stderr, "no control role") {
+		t.Errorf("volume list on n4: exit %d, %s; want a clear refusal", r.code, r.stderr)
+	}
+	var cs client.ClusterStatus
+	c.mustJSON(1, &cs, "cluster", "status")
+	if len(cs.Voters) != 3 {
+		t.Errorf("%d voters with n4 in, want 3", len(cs.Voters))
+	}
+}
+
 // TestRunFlags: `stord run` refuses a wrong command line with one clear
 // error before it starts anything.
 func TestRunFlags(t *testing.T) {

@@ -45,6 +45,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -309,9 +310,9 @@ type node struct {
 	reg   *prometheus.Registry
 
 	apiLn net.Listener
-	ctl   *controlRole // nil without the control role
-	exp   *exportRole  // nil without head+export
-	agent *control.Agent
+	ctl   *controlRole                  // nil without the control role
+	exp   *exportRole                   // nil without head+export
+	agent atomic.Pointer[control.Agent] // set once registered; read by status
 }
 
 func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger) (err error) {
@@ -372,6 +373,9 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	// Its own API serves once this node is a voter (it forwards to the leader).
 	self := f.bootstrap || (n.ctl != nil && nf.Registered)
 	switch err := n.checkIn(ctx, spec, self); {
+	case ctx.Err() != nil:
+		n.log.Info("shutting down before the check-in completed")
+		return nil
 	case errors.Is(err, errNoAnswer) && nf.Registered:
 		// A known node: the cluster may be restarting and elect a
 		// leader only once this node's raft runs. The agent goes on.
@@ -388,13 +392,14 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	if n.ctl != nil {
 		joinURLs = append([]string{"http://" + spec.Addr.API}, joinURLs...)
 	}
-	n.agent, err = control.StartAgent(control.AgentConfig{
+	agent, err := control.StartAgent(control.AgentConfig{
 		ID: n.id, Spec: spec, Join: joinURLs, Voter: n.ctl != nil, Logger: n.base,
 	})
 	if err != nil {
 		return err
 	}
-	closers = append(closers, func() error { n.agent.Close(); return nil })
+	n.agent.Store(agent)
+	closers = append(closers, func() error { agent.Close(); return nil })
 
 	n.log.Info("stord run started", "roles", strings.Join(f.roles, ","), "api", spec.Addr.API, "raft", spec.Addr.Raft, "nbd", spec.Addr.NBD, "data", f.data)
 	fmt.Fprintf(stdout, "stor node %s is running (roles %s, data in %s).\n  API:  export STOR_API=http://%s   then: storctl cluster status\n",
@@ -511,8 +516,8 @@ func (n *node) status(ctx context.Context) (api.Status, error) {
 	if n.ctl != nil {
 		cs := n.ctl.node.Status()
 		st.Healthy, st.Volumes = cs.Healthy, cs.Volumes
-	} else if n.agent != nil {
-		st.Healthy = n.agent.State() == cluster.StateActive
+	} else if a := n.agent.Load(); a != nil {
+		st.Healthy = a.State() == cluster.StateActive
 	}
 	if n.exp != nil {
 		st.NBD = n.exp.nbdLn.Addr().String()
