@@ -313,11 +313,23 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			l.failLocked(t, senseIllegal, ascInvalidPRRelease)
 			return
 		}
+		if registrantsOnly(s.Type) { // SPC-4 5.12.11.2.2
+			for _, r := range s.Regs {
+				if r.Nexus != t.Nexus {
+					l.addUALocked(r.Nexus, uaReservationsReleased)
+				}
+			}
+		}
 		s.Holder, s.Type = nil, 0
 	case 3: // CLEAR
 		if !registered || key != cur {
 			t.Status = StatusReservationConflict
 			return
+		}
+		for _, r := range s.Regs {
+			if r.Nexus != t.Nexus {
+				l.addUALocked(r.Nexus, uaReservationsPreempted) // SPC-4 5.12.11.6
+			}
 		}
 		s.Regs, s.Holder, s.Type = nil, nil, 0
 		s.Gen++
@@ -330,19 +342,14 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 			l.failLocked(t, senseIllegal, ascInvalidFieldCDB)
 			return
 		}
+		var removed []Nexus
 		switch {
 		case s.Holder != nil && allRegistrants(s.Type) && sakey == 0:
-			var keep []prReg
-			for _, r := range s.Regs {
-				if r.Nexus == t.Nexus {
-					keep = append(keep, r)
-				}
-			}
-			s.Regs = keep
+			removed = s.removeWhere(func(r prReg) bool { return r.Nexus != t.Nexus })
 			n := t.Nexus
 			s.Holder, s.Type = &n, typ
 		case s.Holder != nil && !allRegistrants(s.Type) && s.holderKey() == sakey:
-			s.removeKey(sakey, t.Nexus)
+			removed = s.removeKey(sakey, t.Nexus)
 			n := t.Nexus
 			s.Holder, s.Type = &n, typ
 		default:
@@ -350,10 +357,14 @@ func (l *LU) prOut(ctx context.Context, t *Task) {
 				l.failLocked(t, senseIllegal, ascInvalidFieldParam)
 				return
 			}
-			if !s.removeKey(sakey, t.Nexus) {
+			if removed = s.removeKey(sakey, t.Nexus); len(removed) == 0 {
 				t.Status = StatusReservationConflict
 				return
 			}
+		}
+		// SPC-4 5.12.11.4: the preempted nexuses learn it.
+		for _, n := range removed {
+			l.addUALocked(n, uaRegistrationsPreempted)
 		}
 		s.Gen++
 	}
@@ -394,10 +405,10 @@ func (s *prState) unregister(n Nexus) {
 }
 
 // removeKey removes every registration with key other than self's and
-// reports whether any was removed. A removed holder loses its reservation.
-func (s *prState) removeKey(key uint64, self Nexus) bool {
+// returns the nexuses removed. A removed holder loses its reservation.
+func (s *prState) removeKey(key uint64, self Nexus) []Nexus {
 	removed := s.removeWhere(func(r prReg) bool { return r.Key == key && r.Nexus != self })
-	if removed && s.Holder != nil && !allRegistrants(s.Type) {
+	if len(removed) > 0 && s.Holder != nil && !allRegistrants(s.Type) {
 		if _, ok := s.key(*s.Holder); !ok {
 			s.Holder, s.Type = nil, 0
 		}
@@ -405,12 +416,12 @@ func (s *prState) removeKey(key uint64, self Nexus) bool {
 	return removed
 }
 
-func (s *prState) removeWhere(f func(prReg) bool) bool {
+func (s *prState) removeWhere(f func(prReg) bool) []Nexus {
 	var keep []prReg
-	removed := false
+	var removed []Nexus
 	for _, r := range s.Regs {
 		if f(r) {
-			removed = true
+			removed = append(removed, r.Nexus)
 			continue
 		}
 		keep = append(keep, r)
@@ -418,3 +429,10 @@ func (s *prState) removeWhere(f func(prReg) bool) bool {
 	s.Regs = keep
 	return removed
 }
+
+// Unit attentions of persistent reservations (SPC-4 5.12.11).
+const (
+	uaReservationsPreempted  = 0x2a03
+	uaReservationsReleased   = 0x2a04
+	uaRegistrationsPreempted = 0x2a05
+)

@@ -370,7 +370,10 @@ func TestSPC4_5_12_PersistentReservations(t *testing.T) {
 		prStep("5.12.12 B preempts A", 4, prExclusiveAccessRO, 0xb, 0xa, good),
 		w, r,
 	})
-	run(t, lu, dev, nexusA, []step{wc, rcf, prStep("A was unregistered", 1, prWriteExclusive, 0xa, 0, rc)})
+	run(t, lu, dev, nexusA, []step{
+		{"5.12.11.4 REGISTRATIONS PREEMPTED unit attention", make([]byte, 6), nil, 0, cc, senseUnitAttention, uaRegistrationsPreempted, -1},
+		wc, rcf, prStep("A was unregistered", 1, prWriteExclusive, 0xa, 0, rc),
+	})
 	// READ KEYS shows only B; the state survives a new LU on the same store.
 	store := lu.store
 	lu2, err := NewLU(context.Background(), lu.info, store)
