@@ -32,13 +32,18 @@ type testCluster struct {
 	n      int
 }
 
+// clusters counts the clusters this process started: each gets its own
+// addresses, free of a previous one's lingering sockets.
+var clusters int
+
 func startCluster(t *testing.T, n int) *testCluster {
 	t.Helper()
 	needBinaries(t)
 	// An address block of our own, so that a developer's cluster on
 	// 127.0.0.11.. and a parallel run do not collide.
 	pid := os.Getpid()
-	c := &testCluster{t: t, dir: t.TempDir(), prefix: fmt.Sprintf("127.%d.%d", 100+pid%100, (pid/100)%250+1), n: n}
+	clusters++
+	c := &testCluster{t: t, dir: t.TempDir(), prefix: fmt.Sprintf("127.%d.%d", 100+pid%100, (pid/100+clusters)%250+1), n: n}
 	t.Cleanup(c.down)
 	out := c.up()
 	lines := strings.Split(strings.TrimSpace(out), "\n")
