@@ -161,10 +161,15 @@ func TestConformanceLibiscsi(t *testing.T) {
 		peer = runCU(t, bin, url, suites, subdir(logDir, "tgtd"))
 	}
 	t.Logf("iscsi-test-cu per family:\n%s", formatCU(suites, stor, peer))
-	// The anchor: every test tgtd passes, stor passes. Without tgtd, only
-	// the known failure (iSCSIdatasn: libiscsi renegotiates ImmediateData
-	// on its reconnect, see the report) is tolerated.
-	allowed := map[string]bool{"iSCSIdatasn.iSCSIDataSnInvalid": true, "GetLBAStatus.UnmapSingle": true, "MultipathIO.CompareAndWrite": true}
+	// The anchor: every test tgtd passes, stor passes. Tolerated failures,
+	// both bugs of the 1.19.0 tests:
+	//   - GetLBAStatus.UnmapSingle asks for the status at LBA i+1 and wants
+	//     the first descriptor at i+LBPPB (only equal for LBPPB = 1; we
+	//     report 4 KiB physical blocks as tgtd does).
+	//   - MultipathIO.CompareAndWrite zeroes 256 blocks with WRITE SAME but
+	//     compares up to block 255+LBPPB: it depends on what earlier suites
+	//     left there.
+	allowed := map[string]bool{"GetLBAStatus.UnmapSingle": true, "MultipathIO.CompareAndWrite": true}
 	for s, c := range stor {
 		for _, f := range c.failed {
 			if !allowed[s+"."+f] {

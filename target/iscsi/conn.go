@@ -327,8 +327,10 @@ func (c *conn) startLocked(t *task) {
 	go c.execute(t)
 }
 
-// dataOut handles a SCSI Data-Out PDU (RFC 7143 11.7). A DataSN or offset
-// error closes the connection (ERL 0).
+// dataOut handles a SCSI Data-Out PDU (RFC 7143 11.7). A DataSN, offset or
+// TTT error ends the task (no within-command recovery at ERL 0): it is
+// answered CHECK CONDITION, ABORTED COMMAND, DATA PHASE ERROR, and its
+// remaining Data-Out PDUs are discarded.
 func (c *conn) dataOut(p *pdu) bool {
 	h := &p.hdr
 	itt, ttt, dataSN, off := h.itt(), h.u32(20), h.u32(36), h.u32(40)
@@ -342,10 +344,9 @@ func (c *conn) dataOut(p *pdu) bool {
 	var more []r2t
 	if ttt == reservedTT {
 		if off != t.unsolNext || dataSN != t.unsolSN || off+n > t.unsolEnd || off+n < off {
-			c.mu.Unlock()
 			c.srv.log.Info("iscsi: bad unsolicited Data-Out", "itt", itt, "datasn", dataSN, "want", t.unsolSN, "offset", off)
-			c.reject(h, rejectProtocol)
-			return false
+			c.dataPhaseErrorLocked(t)
+			return true
 		}
 		t.unsolNext += n
 		t.unsolSN++
@@ -355,16 +356,15 @@ func (c *conn) dataOut(p *pdu) bool {
 			i++
 		}
 		if i == len(t.r2ts) {
-			c.mu.Unlock()
-			c.reject(h, rejectInvalidField)
-			return false
+			c.srv.log.Info("iscsi: Data-Out for unknown TTT", "itt", itt, "ttt", ttt)
+			c.dataPhaseErrorLocked(t)
+			return true
 		}
 		r := &t.r2ts[i]
 		if off != r.next || dataSN != r.dataSN || off+n > r.off+r.n || off+n < off {
-			c.mu.Unlock()
 			c.srv.log.Info("iscsi: bad Data-Out", "itt", itt, "datasn", dataSN, "want", r.dataSN, "offset", off, "next", r.next)
-			c.reject(h, rejectProtocol)
-			return false
+			c.dataPhaseErrorLocked(t)
+			return true
 		}
 		r.next += n
 		r.dataSN++
@@ -629,4 +629,20 @@ func (c *conn) nopOut(p *pdu) bool {
 		c.flushLocked()
 	}
 	return true
+}
+
+// dataPhaseErrorLocked ends a task whose Data-Out sequence broke: it leaves
+// the task table and is answered ABORTED COMMAND / DATA PHASE ERROR (SAM-5
+// 5.3). REQUIRES: c.mu; releases it.
+func (c *conn) dataPhaseErrorLocked(t *task) {
+	delete(c.mu.tasks, t.itt)
+	c.unchargeLocked(t)
+	c.srv.bufs.put(t.buf)
+	t.buf = nil
+	t.write = false
+	c.mu.Unlock()
+	t.st.Status = scsi.StatusCheckCondition
+	t.st.Want = int(t.edtl)
+	t.st.SenseLen = copy(t.st.Sense[:], []byte{0x70, 0, 0x0b, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x4b, 0x00, 0, 0, 0, 0})
+	c.respond(t)
 }

@@ -216,8 +216,8 @@ func TestRFC7143_13_1_BadDigests(t *testing.T) {
 	}
 }
 
-// RFC 7143 11.7.4: a Data-Out with the wrong DataSN ends the connection at
-// ERL 0 and the command never completes.
+// RFC 7143 11.7.4: a Data-Out with the wrong DataSN ends the command at
+// ERL 0 with ABORTED COMMAND / DATA PHASE ERROR; the connection survives.
 func TestRFC7143_11_7_4_DataSN(t *testing.T) {
 	ts := startServer(t, Config{}, 1<<20)
 	ti := login(t, ts, loginOpts{initialR2T: true})
@@ -229,6 +229,7 @@ func TestRFC7143_11_7_4_DataSN(t *testing.T) {
 	h.setU32(24, ti.cmdSN)
 	copy(h[32:], rw10(0x2a, 0, 2))
 	ti.send(&h, nil)
+	ti.cmdSN++
 	p, err := ti.recv()
 	if err != nil || p.hdr.opcode() != opR2T {
 		t.Fatalf("want R2T: %v", err)
@@ -240,14 +241,12 @@ func TestRFC7143_11_7_4_DataSN(t *testing.T) {
 	d.setU32(20, p.hdr.u32(20))
 	d.setU32(36, 5) // DataSN should be 0
 	ti.send(&d, make([]byte, 1024))
-	for {
-		p, err := ti.recv()
-		if err != nil {
-			break
-		}
-		if p.hdr.opcode() == opSCSIResp {
-			t.Fatal("command completed despite a DataSN error")
-		}
+	p, err = ti.recv()
+	if err != nil || p.hdr.opcode() != opSCSIResp || p.hdr[3] != 0x02 || len(p.data) < 16 || p.data[2+2] != 0x0b || p.data[2+12] != 0x4b {
+		t.Fatalf("want CHECK CONDITION ABORTED COMMAND/DATA PHASE ERROR, got %v %v", p, err)
+	}
+	if r := mustCmd(t, ti, make([]byte, 6), nil, 0, false); r.status != 0 {
+		t.Fatalf("TUR after data phase error: %#x", r.status)
 	}
 }
 

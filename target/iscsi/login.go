@@ -8,6 +8,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 
@@ -68,8 +69,13 @@ type loginError struct {
 func (e *loginError) Error() string { return "iscsi: login refused: " + e.err.Error() }
 
 func refuse(status uint16, msg string) *loginError {
+	if status == loginAuthFailure {
+		return &loginError{status: status, err: fmt.Errorf("%w: %s", ErrAuth, msg)}
+	}
 	return &loginError{status: status, err: errors.New(msg)}
 }
+
+func (e *loginError) Unwrap() error { return e.err }
 
 // login runs the login phase on c (RFC 7143 6.3). It returns true when the
 // connection entered the full feature phase.

@@ -51,11 +51,10 @@ const (
 
 // Errors of this package.
 var (
-	ErrClosed   = errors.New("iscsi: server closed")
-	ErrProtocol = errors.New("iscsi: protocol error")
-	ErrDigest   = errors.New("iscsi: digest mismatch")
-	ErrTooLong  = errors.New("iscsi: data segment longer than negotiated")
-	ErrAuth     = errors.New("iscsi: authentication failed")
+	ErrClosed  = errors.New("iscsi: server closed")
+	ErrDigest  = errors.New("iscsi: digest mismatch")
+	ErrTooLong = errors.New("iscsi: data segment longer than negotiated")
+	ErrAuth    = errors.New("iscsi: authentication failed")
 )
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
