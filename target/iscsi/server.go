@@ -16,11 +16,17 @@
 //   - Each connection has one reader goroutine; each SCSI command runs in
 //     its own goroutine once its data has arrived; responses are written
 //     under the connection's write mutex, a task's PDUs back to back.
-//   - CmdSN (RFC 7143 4.2.2): non-immediate commands are admitted in CmdSN
-//     order per session, across connections; CmdSN outside
-//     [ExpCmdSN, MaxCmdSN] is silently dropped; MaxCmdSN = ExpCmdSN+127.
-//   - ErrorRecoveryLevel is 0: a digest or sequence error (DataSN, buffer
-//     offset) ends the connection; the initiator recovers by a new session.
+//   - CmdSN (RFC 7143 4.2.2): one window per session, across connections;
+//     a CmdSN outside [ExpCmdSN, MaxCmdSN] or seen before is silently
+//     dropped; ExpCmdSN advances over contiguous CmdSNs; MaxCmdSN =
+//     ExpCmdSN+127. Commands run concurrently as SIMPLE tasks, so a command
+//     that arrives ahead of a gap (MC/S) is not held back.
+//   - ErrorRecoveryLevel is 0: a header or data digest error ends the
+//     connection (the initiator recovers with a new session); a broken
+//     Data-Out sequence (DataSN, buffer offset, TTT) ends only its task,
+//     with CHECK CONDITION, ABORTED COMMAND, DATA PHASE ERROR.
+//   - Write buffers of commands still waiting for Data-Out are bounded per
+//     connection (256 MiB); beyond that a write gets TASK SET FULL.
 //   - StatSN is per connection and advances with every status-bearing PDU.
 //   - A normal session opens its Device at login (Catalog.Open) and closes
 //     it when its last connection ends; Close drains and joins everything.
