@@ -104,9 +104,9 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	}
 
 	// Make the map and journal durable, then reclaim what is provably dead.
-	p.mu.Lock()
-	synced := p.mu.next - 1
-	p.mu.Unlock()
+	// Only ops already applied count: one appended but not yet applied
+	// may still point into a segment that looks empty.
+	synced := p.applied()
 	if err := p.j.Sync(ctx); err != nil {
 		return res, mapErr(err)
 	}

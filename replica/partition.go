@@ -12,9 +12,11 @@
 //
 // # Rules (enforced here)
 //
-//   - p.mu serializes ops: opnum assignment, journal append and extent-map
-//     update happen together, so the map is always the map after a prefix
-//     of the journal.
+//   - p.seq orders ops: opnum assignment and journal append happen under it.
+//     An op takes p.mu (the apply lock) before it lets go of p.seq
+//     (hand-over-hand), so ops reach the extent map in opnum order while
+//     the next op's journal write overlaps this op's map update. The map is
+//     always the map after a prefix of the journal.
 //   - p.gc guards container lifetime: readers hold it shared while they read
 //     a journal segment or shard; segments and shards are deleted only under
 //     it exclusively.
@@ -81,14 +83,20 @@ type Partition struct {
 
 	gc sync.RWMutex
 
+	failed atomic.Pointer[error] // sticky: the map and journal disagree
+
+	seq struct {
+		sync.Mutex
+		next uint64 // next opnum
+	}
+
 	mu struct {
 		sync.Mutex
-		next    uint64               // next opnum
 		live    map[container]int64  // bytes referenced by extents
 		shardSz map[uint64]int64     // known shard sizes
 		deadAt  map[container]uint64 // container emptied by op
 		nextSeq uint64               // next shard sequence number
-		failed  error                // sticky: the map and journal disagree
+		applied uint64               // newest op applied; every older one is too
 	}
 }
 
@@ -136,8 +144,9 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		j.Close()
 		return nil, fmt.Errorf("replica: partition %016x: replay: %w", pkey, err)
 	}
-	p.mu.next = max(applied, j.LastOpNum()) + 1
-	p.flushedOp.Store(p.mu.next - 1)
+	p.seq.next = max(applied, j.LastOpNum()) + 1
+	p.mu.applied = p.seq.next - 1
+	p.flushedOp.Store(p.seq.next - 1)
 	// Rebuild space accounting from the map.
 	var n int64
 	if err := meta.Scan(pkey, func(e metastore.Extent) error {
@@ -160,20 +169,20 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		p.mu.nextSeq = max(p.mu.nextSeq, s.Seq+1)
 		c := container{metastore.InObject, s.Seq}
 		if p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = p.mu.next - 1
+			p.mu.deadAt[c] = p.seq.next - 1
 		}
 	}
 	for _, s := range j.Segments() {
 		c := container{metastore.InJournal, s.ID}
 		if !s.Active && p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = p.mu.next - 1
+			p.mu.deadAt[c] = p.seq.next - 1
 		}
 		if s.Active || p.mu.live[c] > 0 {
 			p.flushedOp.Store(min(p.flushedOp.Load(), s.FirstOp-1))
 		}
 	}
 	if replayed > 0 {
-		p.log.Info("partition recovered", "applied", applied, "replayed", replayed, "next_op", p.mu.next)
+		p.log.Info("partition recovered", "applied", applied, "replayed", replayed, "next_op", p.seq.next)
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
 	return p, nil
@@ -201,27 +210,50 @@ func mapErr(err error) error {
 
 // op appends r (with the next opnum) and applies it.
 func (p *Partition) op(r *journal.Record) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.mu.failed != nil {
-		return p.mu.failed
+	p.seq.Lock()
+	if err := p.failed.Load(); err != nil {
+		p.seq.Unlock()
+		return *err
 	}
-	r.OpNum = p.mu.next
+	r.OpNum = p.seq.next
 	r.Epoch = 1
 	pos, err := p.j.Append(r)
 	if err != nil {
+		p.seq.Unlock()
 		return mapErr(fmt.Errorf("replica: partition %016x op %d: %w", p.pkey, r.OpNum, err))
 	}
-	p.mu.next++
+	p.seq.next++
+	p.mu.Lock() // before p.seq is released: ops apply in opnum order
+	p.seq.Unlock()
+	defer p.mu.Unlock()
+	if err := p.failed.Load(); err != nil {
+		return *err
+	}
 	if err := p.applyLocked(r, pos); err != nil {
 		// The journal has the op but the map does not: only a restart
 		// (replay) can reconcile them.
-		p.mu.failed = fmt.Errorf("%w: partition %016x failed at op %d: %v", target.ErrIO, p.pkey, r.OpNum, err)
+		err = fmt.Errorf("%w: partition %016x failed at op %d: %v", target.ErrIO, p.pkey, r.OpNum, err)
+		p.failed.Store(&err)
 		p.log.Error("partition failed", "op", r.OpNum, "err", err)
-		return p.mu.failed
+		return err
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
 	return nil
+}
+
+// lastOp is the opnum of the newest op appended.
+func (p *Partition) lastOp() uint64 {
+	p.seq.Lock()
+	defer p.seq.Unlock()
+	return p.seq.next - 1
+}
+
+// applied is the opnum of the newest op applied to the map; every op up to
+// it is applied (ops apply in opnum order).
+func (p *Partition) applied() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.mu.applied
 }
 
 // applyLocked applies one journal record to the extent map.
@@ -279,6 +311,7 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 	if err := u.Commit(r.OpNum); err != nil {
 		return err
 	}
+	p.mu.applied = r.OpNum
 	p.extents.Add(int64(delta))
 	return nil
 }
@@ -406,8 +439,8 @@ func (p *Partition) Stats() Stats {
 		s.JournalBytes += seg.Size
 	}
 	s.Extents = p.extents.Load()
+	s.LastOp = p.lastOp()
 	p.mu.Lock()
-	s.LastOp = p.mu.next - 1
 	for _, n := range p.mu.live {
 		s.Allocated += n
 	}
