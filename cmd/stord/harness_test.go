@@ -189,11 +189,12 @@ func (b *lockedBuffer) String() string {
 
 // daemon is one `stord dev` process (restartable on the same data dir).
 type daemon struct {
-	t       testing.TB
-	dataDir string
-	args    []string // extra flags
-	nbdAddr string
-	apiAddr string
+	t         testing.TB
+	dataDir   string
+	args      []string // extra flags
+	nbdAddr   string
+	apiAddr   string
+	iscsiAddr string // iSCSI portal
 
 	cmd    *exec.Cmd
 	stdout *lockedBuffer
@@ -237,7 +238,7 @@ func (d *daemon) start() {
 	var lastErr string
 	for attempt := 0; attempt < 5; attempt++ {
 		if d.nbdAddr == "" || attempt > 0 {
-			d.nbdAddr, d.apiAddr = freePort(d.t), freePort(d.t)
+			d.nbdAddr, d.apiAddr, d.iscsiAddr = freePort(d.t), freePort(d.t), freePort(d.t)
 		}
 		err := d.launch()
 		if err == nil {
@@ -254,7 +255,7 @@ func (d *daemon) start() {
 // launch starts the process and waits for the API to answer.
 func (d *daemon) launch() error {
 	args := append([]string{"dev", "--data", d.dataDir, "--nbd-listen", d.nbdAddr,
-		"--api-listen", d.apiAddr, "--iscsi-listen", freePort(d.t)}, d.args...)
+		"--api-listen", d.apiAddr, "--iscsi-listen", d.iscsiAddr}, d.args...)
 	d.cmd = exec.Command(stordBin, args...)
 	// If the test binary dies (a -timeout panic), stord dies with it
 	// rather than living on as an orphan holding its ports.
