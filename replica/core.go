@@ -200,9 +200,9 @@ type progress struct {
 	synced      api.OpNum
 	lastHeard   int
 	needSnap    bool
-	inSync      bool // granted by the control plane
-	joining     bool // InSync asked: counts in the quorum
-	dropping    bool // DropPeer asked: still counts until granted
+	inSync      bool   // granted by the control plane
+	joining     bool   // InSync asked: counts in the quorum
+	dropping    bool   // DropPeer asked: still counts until granted
 	inSyncSeq   uint64 // request id of the last InSync sent for it
 	probing     bool   // after a reject: one append at a time until an ack
 	probeSent   bool   // probing, and an append is out
@@ -261,8 +261,8 @@ type Core struct {
 	noop    api.OpNum // opnum of this epoch's noop
 	hbDue   bool
 	ctl     map[ctlKey]*ctlReq
-	ctlSeq  uint64 // request id of the last control request sent
-	relSeq  uint64 // request id of the last InSync granted (it released any blessing)
+	ctlSeq  uint64               // request id of the last control request sent
+	relSeq  uint64               // request id of the last InSync granted (it released any blessing)
 	reqs    map[uint64]api.OpNum // request id -> opnum, of ops in the log or seen
 	waiters map[api.OpNum][]waiter
 	flushes []api.OpNum // flush entries pending sync, ascending

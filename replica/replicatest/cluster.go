@@ -65,9 +65,9 @@ type Cluster struct {
 	// Trace, if set, gets one line per event.
 	Trace func(string)
 
-	committed map[api.OpNum]wire.Entry    // first entry committed at each opnum
-	ackedBy   map[api.Epoch]api.NodeID    // which node acknowledged ops in each epoch
-	promoted  map[api.Epoch]api.NodeID    // promotions
+	committed map[api.OpNum]wire.Entry // first entry committed at each opnum
+	ackedBy   map[api.Epoch]api.NodeID // which node acknowledged ops in each epoch
+	promoted  map[api.Epoch]api.NodeID // promotions
 	errs      []string
 }
 

@@ -2,8 +2,8 @@ package replicatest
 
 import (
 	"fmt"
-	"strings"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/anishathalye/porcupine"
