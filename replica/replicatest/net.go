@@ -159,16 +159,32 @@ func (n *Network) Pending() int { return len(n.queue) }
 // to a down node is lost instead (and Deliver tries another).
 func (n *Network) Deliver() (m wire.Msg, ok bool) {
 	for {
-		var due []int
-		for i, e := range n.queue {
-			if e.due <= n.now {
-				due = append(due, i)
-			}
-		}
-		if len(due) == 0 {
+		if len(n.queue) == 0 {
 			return wire.Msg{}, false
 		}
-		i := due[n.rng.IntN(len(due))]
+		i := n.rng.IntN(len(n.queue))
+		if n.queue[i].due > n.now {
+			// Pick the k-th due message instead.
+			due := 0
+			for _, e := range n.queue {
+				if e.due <= n.now {
+					due++
+				}
+			}
+			if due == 0 {
+				return wire.Msg{}, false
+			}
+			k := n.rng.IntN(due)
+			for j, e := range n.queue {
+				if e.due <= n.now {
+					if k == 0 {
+						i = j
+						break
+					}
+					k--
+				}
+			}
+		}
 		e := n.queue[i]
 		last := len(n.queue) - 1
 		n.queue[i] = n.queue[last]
