@@ -155,12 +155,19 @@ func TestClusterAPIFollowerForwards(t *testing.T) {
 	if len(vols) != 1 || vols[0].Partitions != 4 {
 		t.Fatalf("volumes %+v", vols)
 	}
-	// The node's own status is not forwarded.
+	// The node's own status is not forwarded: it reads the follower's own
+	// map, which applies the committed create a moment after the leader.
 	var st api.Status
-	a = c.want(t, f, "GET", "/v1/status", "", 200)
-	a.decode(t, &st)
-	if st.Volumes != 1 {
-		t.Fatalf("local status %+v, headers %v", st, a.header)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		a = c.want(t, f, "GET", "/v1/status", "", 200)
+		a.decode(t, &st)
+		if st.Volumes == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("local status %+v, headers %v", st, a.header)
+		}
+		time.Sleep(10 * time.Millisecond) // poll: the follower's FSM catches up
 	}
 	// A request that already made its hops is not forwarded again.
 	a = c.do(t, f, "GET", "/v1/nodes", "", HeaderHops, "2")

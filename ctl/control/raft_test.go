@@ -551,11 +551,13 @@ func TestRaftTickerDeclaresDead(t *testing.T) {
 	c.tick = 20 * time.Millisecond
 	leader := c.form(1)
 	cfg := cluster.DefaultConfig()
-	cfg.LeaseTimeout = 300 * time.Millisecond
-	cfg.SuspectTimeout = 100 * time.Millisecond
+	// Timeouts well above one propose's latency on a loaded machine under
+	// -race, so the heartbeating n1 never looks isolating.
+	cfg.LeaseTimeout = 3 * time.Second
+	cfg.SuspectTimeout = 2 * time.Second
 	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
 	propose(t, leader, registerCmd("n2"))
-	deadline := time.Now().Add(5 * time.Second)
+	deadline := time.Now().Add(30 * time.Second)
 	for {
 		propose(t, leader, cluster.Command{Op: cluster.OpHeartbeat, Node: "n1", Health: 100})
 		var s1, s2 cluster.State
