@@ -200,6 +200,7 @@ type progress struct {
 	synced      api.OpNum
 	lastHeard   int
 	needSnap    bool
+	forceSnap   bool   // its committed state is ahead of our log: replace it
 	inSync      bool   // granted by the control plane
 	joining     bool   // InSync asked: counts in the quorum
 	dropping    bool   // DropPeer asked: still counts until granted
@@ -528,8 +529,9 @@ func (c *Core) stepRequest(m *wire.Msg) {
 		return
 	}
 	if n, ok := c.reqs[m.ReqID]; ok {
-		// A retry of an op already in the log or applied.
-		if n <= c.applied && (n <= c.snapIndex || c.entry(n).Kind != wire.KindFlush) {
+		// A retry of an op already in the log or applied. A flush waits
+		// for the fsyncs of everything up to its entry, even if applied.
+		if n <= c.applied && m.Kind != wire.KindFlush {
 			c.complete(w, n, nil)
 			return
 		}
@@ -541,7 +543,7 @@ func (c *Core) stepRequest(m *wire.Msg) {
 }
 
 func (c *Core) addWaiter(n api.OpNum, w waiter) {
-	if c.entry(n).Kind == wire.KindFlush {
+	if w.kind == wire.KindFlush {
 		if i, ok := slices.BinarySearch(c.flushes, n); !ok {
 			c.flushes = slices.Insert(c.flushes, i, n)
 		}
@@ -669,7 +671,10 @@ func (c *Core) stepSnapshot(m *wire.Msg) {
 	c.heardFrom = c.ticks
 	c.ackTo = m.From
 	c.needAck = true
-	if m.Index <= c.commit && !c.needSnap {
+	// A forced snapshot (FlagNeedSnap) may move the state back, but never
+	// below what this replica acked in this epoch.
+	force := m.Flags&wire.FlagNeedSnap != 0 && m.Index >= c.verified
+	if m.Index <= c.commit && !c.needSnap && !force {
 		return
 	}
 	c.log = nil
@@ -706,8 +711,15 @@ func (c *Core) stepAppendResp(m *wire.Msg) {
 			p.match = 0
 			return
 		}
+		// The hint may be behind (a gap) or ahead (we sent a prev below
+		// its snapshot): resume there; its term check guards either way.
 		p.match = min(p.match, m.Index)
-		p.next = min(p.next, m.Index+1)
+		p.next = min(m.Index, c.lastIndex()) + 1
+		if m.Index > c.lastIndex() && p.next <= m.Index {
+			// Its snapshot is past our log: only after a power loss
+			// took ops we had committed. Replace its state with ours.
+			p.needSnap, p.forceSnap = true, true
+		}
 		if p.next <= c.snapIndex {
 			p.needSnap = true
 		}
@@ -947,8 +959,12 @@ func (c *Core) sendAppends() {
 			for _, rid := range c.seenQ[max(0, len(c.seenQ)-wire.MaxEntries):] {
 				seen = append(seen, wire.Entry{OpNum: c.seen[rid], Kind: wire.KindNoop, ReqID: rid})
 			}
-			c.send(wire.Msg{Type: wire.TypeSnapshot, To: id, Index: c.commit, PrevEpoch: t, Commit: c.commit, Entries: seen})
-			p.needSnap = false
+			var fl uint8
+			if p.forceSnap {
+				fl = wire.FlagNeedSnap
+			}
+			c.send(wire.Msg{Type: wire.TypeSnapshot, To: id, Flags: fl, Index: c.commit, PrevEpoch: t, Commit: c.commit, Entries: seen})
+			p.needSnap, p.forceSnap = false, false
 			p.next = c.commit + 1
 		}
 		// A peer catching up fsyncs all it gets: it joins the in-sync set

@@ -194,7 +194,7 @@ func Simulate(o SimOptions) (SimResult, error) {
 			cl.CP.Epoch, cl.CP.Primary, cl.inSyncList(), cl.Dump())
 	}
 	if err := cl.CheckEqual(); err != nil {
-		return res, err
+		return res, fmt.Errorf("%w\n%s", err, cl.Dump())
 	}
 	if o.PowerLoss {
 		return res, checkFlushed(hist, readStart)
