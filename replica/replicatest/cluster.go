@@ -69,6 +69,7 @@ type Cluster struct {
 	ackedBy   map[api.Epoch]api.NodeID // which node acknowledged ops in each epoch
 	promoted  map[api.Epoch]api.NodeID // promotions
 	errs      []string
+	lossAt    []int64 // clock of each crash with power loss
 }
 
 // NewCluster returns a cluster of n replicas (n1..nN), n1 promoted at
@@ -148,6 +149,7 @@ func (cl *Cluster) Crash(id api.NodeID, powerLoss bool) {
 	cl.Net.SetDown(id, true)
 	cl.Net.DropTo(id)
 	if powerLoss {
+		cl.lossAt = append(cl.lossAt, cl.clock)
 		d := &nd.Disk
 		keep := d.Synced + cl.rng.IntN(len(d.Log)-d.Synced+1)
 		d.Log = d.Log[:keep]
@@ -363,6 +365,7 @@ func (cl *Cluster) reply(nd *Node, epoch api.Epoch, role replica.Role, c replica
 		if c.Kind == wire.KindRead {
 			m.Data = binary.LittleEndian.AppendUint64(nil, nd.State[c.Off])
 		}
+		cl.tracef("%s acks %s req %d at op %d", nd.ID, c.Kind, c.ReqID, c.OpNum)
 	}
 	cl.Net.Send(m)
 }
