@@ -87,6 +87,22 @@ func inRange(g target.Geometry, lba, n uint64) bool {
 	return lba <= blocks && n <= blocks-lba
 }
 
+// span checks that the blocks of r lie on the device and fit one transfer,
+// failing t otherwise (LBA OUT OF RANGE, INVALID FIELD IN CDB), and returns
+// their length in bytes.
+func (l *LU) span(t *Task, g target.Geometry, r rw) (int64, bool) {
+	if !inRange(g, r.lba, r.n) {
+		l.fail(t, senseIllegal, ascLBAOutOfRange)
+		return 0, false
+	}
+	n := int64(r.n) * int64(g.BlockSize)
+	if n > maxXferBytes {
+		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+		return 0, false
+	}
+	return n, true
+}
+
 // cdbOf trims t.CDB to the length of the command's form.
 func cdbOf(t *Task, n int) []byte { return t.CDB[:n] }
 
@@ -98,14 +114,9 @@ func (l *LU) read(ctx context.Context, dev target.BlockDevice, t *Task, cdbLen i
 		return
 	}
 	g := dev.Geometry()
-	if !inRange(g, r.lba, r.n) {
-		l.fail(t, senseIllegal, ascLBAOutOfRange)
-		return
-	}
 	bs := int64(g.BlockSize)
-	want := int64(r.n) * bs
-	if want > maxXferBytes {
-		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+	want, ok := l.span(t, g, r)
+	if !ok {
 		return
 	}
 	t.Want = int(want)
@@ -165,14 +176,9 @@ func (l *LU) write(ctx context.Context, dev target.BlockDevice, t *Task, cdbLen 
 		return
 	}
 	g := dev.Geometry()
-	if !inRange(g, r.lba, r.n) {
-		l.fail(t, senseIllegal, ascLBAOutOfRange)
-		return
-	}
 	bs := int64(g.BlockSize)
-	want := int64(r.n) * bs
-	if want > maxXferBytes {
-		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+	want, ok := l.span(t, g, r)
+	if !ok {
 		return
 	}
 	if g.ReadOnly {
@@ -226,14 +232,9 @@ func (l *LU) verify(ctx context.Context, dev target.BlockDevice, t *Task, cdbLen
 		return
 	}
 	g := dev.Geometry()
-	if !inRange(g, r.lba, r.n) {
-		l.fail(t, senseIllegal, ascLBAOutOfRange)
-		return
-	}
 	bs := int64(g.BlockSize)
-	total := int64(r.n) * bs
-	if total > maxXferBytes {
-		l.fail(t, senseIllegal, ascInvalidFieldCDB)
+	total, ok := l.span(t, g, r)
+	if !ok {
 		return
 	}
 	if bytchk == 0 || r.n == 0 {
