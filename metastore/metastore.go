@@ -33,12 +33,15 @@
 //
 // # Rules
 //
-//   - Extents of one partition never overlap. Apply splits and trims what a
-//     new extent covers, in one batch with the partition's applied opnum, so
-//     the persisted map is always the map after some prefix of the op stream.
+//   - Extents of one partition never overlap. An Update splits and trims
+//     what a new extent covers.
+//   - A partition's map lives in memory (Map, a B-tree that answers every
+//     lookup) and is persisted to Pebble in batches, each with the applied
+//     opnum of its newest op, so the persisted map is always the map after
+//     some prefix of the op stream (see Map).
 //   - Mutations of one partition are serialized by the caller (the partition
-//     owner); reads may run concurrently with them and see a consistent
-//     snapshot per call.
+//     owner); lookups may run concurrently with them and see a consistent
+//     view per call.
 //   - Pebble's WAL is off: the partition journals are the log. Before Pebble
 //     writes any memtable to disk it calls the BeforeFlush hook, which syncs
 //     every journal, so persisted extent-map state is never ahead of the
@@ -208,46 +211,8 @@ func (d *DB) partIter(pkey uint64) (*pebble.Iterator, error) {
 	return d.db.NewIter(&pebble.IterOptions{LowerBound: lo, UpperBound: hi})
 }
 
-// Lookup calls fn for every extent overlapping [start, start+n), in order,
-// clipped to the range. It reads one consistent snapshot.
-func (d *DB) Lookup(pkey uint64, start, n int64, fn func(Extent) error) error {
-	it, err := d.partIter(pkey)
-	if err != nil {
-		return err
-	}
-	defer it.Close()
-	end := start + n
-	var kb [17]byte
-	// The extent starting at or before start may reach into the range.
-	ok := it.SeekLT(extentKey(kb[:0], pkey, start+1))
-	if !ok {
-		ok = it.First()
-	}
-	for ; ok; ok = it.Next() {
-		e, err := decodeExtent(it.Key(), it.Value())
-		if err != nil {
-			return err
-		}
-		if e.Start >= end {
-			break
-		}
-		if e.End() <= start {
-			continue
-		}
-		if err := fn(e.Slice(start, end)); err != nil {
-			return err
-		}
-	}
-	return it.Error()
-}
-
-// Scan calls fn for every extent of the partition, in order.
-func (d *DB) Scan(pkey uint64, fn func(Extent) error) error {
-	return d.Lookup(pkey, 0, 1<<62, fn)
-}
-
-// Applied is the opnum of the newest op applied to the partition's map.
-func (d *DB) Applied(pkey uint64) (uint64, error) {
+// applied is the persisted applied opnum of partition pkey.
+func (d *DB) applied(pkey uint64) (uint64, error) {
 	v, c, err := d.db.Get(appliedKey(pkey))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return 0, nil
@@ -260,140 +225,6 @@ func (d *DB) Applied(pkey uint64) (uint64, error) {
 		return 0, fmt.Errorf("%w: applied opnum of %x", ErrCorrupt, pkey)
 	}
 	return binary.BigEndian.Uint64(v), nil
-}
-
-// Update is one op's change to a partition's map, committed atomically with
-// the partition's applied opnum. It is not safe for concurrent use, and the
-// caller serializes Updates of one partition.
-type Update struct {
-	d     *DB
-	pkey  uint64
-	b     *pebble.Batch
-	kb    [17]byte
-	vb    [extentValueLen]byte
-	it    *pebble.Iterator
-	dirty bool
-
-	// Delta is the change in the partition's extent count so far.
-	Delta int
-}
-
-// NewUpdate starts an update of partition pkey. It must be Committed or
-// Closed.
-func (d *DB) NewUpdate(pkey uint64) *Update {
-	return &Update{d: d, pkey: pkey, b: d.db.NewBatch()}
-}
-
-// Set makes [e.Start, e.End()) map to e (or, with e.Kind == 0, to a hole),
-// splitting or dropping what was there. removed is called with every piece
-// of an old extent that no longer maps (for space accounting). Set sees the
-// committed map, not earlier Sets of the same Update: one Set per range.
-func (u *Update) Set(e Extent, removed func(Extent)) error {
-	if u.it == nil {
-		it, err := u.d.partIter(u.pkey)
-		if err != nil {
-			return err
-		}
-		u.it = it
-	}
-	start, end := e.Start, e.End()
-	it := u.it
-	ok := it.SeekLT(extentKey(u.kb[:0], u.pkey, start+1))
-	if !ok {
-		ok = it.First()
-	}
-	for ; ok; ok = it.Next() {
-		old, err := decodeExtent(it.Key(), it.Value())
-		if err != nil {
-			return err
-		}
-		if old.Start >= end {
-			break
-		}
-		if old.End() <= start {
-			continue
-		}
-		// old overlaps [start, end): drop it, keep what sticks out.
-		if err := u.b.Delete(it.Key(), nil); err != nil {
-			return err
-		}
-		u.Delta--
-		if old.Start < start {
-			if err := u.put(old.Slice(old.Start, start)); err != nil {
-				return err
-			}
-		}
-		if old.End() > end {
-			if err := u.put(old.Slice(end, old.End())); err != nil {
-				return err
-			}
-		}
-		if removed != nil {
-			removed(old.Slice(max(start, old.Start), min(end, old.End())))
-		}
-	}
-	if err := it.Error(); err != nil {
-		return err
-	}
-	if e.Kind != 0 {
-		return u.put(e)
-	}
-	u.dirty = true
-	return nil
-}
-
-// Replace overwrites the extent that starts at e.Start with e, if and only
-// if the map holds exactly old there. It reports whether it did.
-func (u *Update) Replace(old, e Extent) (bool, error) {
-	key := extentKey(u.kb[:0], u.pkey, old.Start)
-	v, c, err := u.d.db.Get(key)
-	if errors.Is(err, pebble.ErrNotFound) {
-		return false, nil
-	}
-	if err != nil {
-		return false, err
-	}
-	cur, derr := decodeExtent(key, v)
-	c.Close()
-	if derr != nil {
-		return false, derr
-	}
-	if cur != old {
-		return false, nil
-	}
-	u.Delta-- // put re-counts the replaced extent
-	return true, u.put(e)
-}
-
-func (u *Update) put(e Extent) error {
-	u.dirty = true
-	u.Delta++
-	return u.b.Set(extentKey(u.kb[:0], u.pkey, e.Start), encodeExtent(u.vb[:0], &e), nil)
-}
-
-// Commit applies the update with the partition's applied opnum set to op.
-// The change is visible to every later read; it is durable once the
-// journal holding op is synced (see the package doc).
-func (u *Update) Commit(op uint64) error {
-	defer u.Close()
-	var ab [8]byte
-	binary.BigEndian.PutUint64(ab[:], op)
-	if err := u.b.Set(appliedKey(u.pkey), ab[:], nil); err != nil {
-		return err
-	}
-	return u.b.Commit(pebble.NoSync)
-}
-
-// Close abandons an uncommitted update.
-func (u *Update) Close() {
-	if u.it != nil {
-		u.it.Close()
-		u.it = nil
-	}
-	if u.b != nil {
-		u.b.Close()
-		u.b = nil
-	}
 }
 
 // DropPartition deletes the partition's map and applied opnum.

@@ -23,35 +23,53 @@ type FlushResult struct {
 	JournalRotated bool
 }
 
-// Flush is the partition's background work, run by one goroutine at a time:
-// it seals the active journal segment when it is idle (or when force is
-// set), moves the live data of sealed segments, and of shards that are
-// mostly dead, into new shards, records the moves as an op, makes all of it
-// durable, then deletes the segments and shards nothing points into.
+// Flush is the partition's background work, run by one goroutine at a time.
+//
+// Policy: the journal is the fast tier, and data stays in it while there
+// is room, so data overwritten soon is never copied. Flush moves the live
+// data of sealed segments (oldest first) into new shards only while the
+// journal holds more than Options.JournalBudget, down to three quarters of
+// it; when the partition has been idle for Options.IdleFlush, or force is
+// set, it seals the active segment and moves everything. Shards that are
+// mostly dead are compacted in the same pass. The moves are recorded as
+// ops; then everything is made durable and the segments and shards nothing
+// points into are deleted.
 func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) {
 	var res FlushResult
 	segs := p.j.Segments()
-	if n := len(segs); n > 0 && segs[n-1].Active && segs[n-1].Size > 0 {
-		idle := time.Since(time.Unix(0, p.lastOpTime.Load())) >= p.opts.IdleRotate
-		if force || idle {
-			if _, err := p.j.Rotate(); err != nil {
-				return res, fmt.Errorf("replica: partition %016x rotate: %w", p.pkey, err)
-			}
-			res.JournalRotated = true
-			segs = p.j.Segments()
+	all := force || time.Since(time.Unix(0, p.lastOpTime.Load())) >= p.opts.IdleFlush
+	if n := len(segs); all && n > 0 && segs[n-1].Active && segs[n-1].Size > 0 {
+		if _, err := p.j.Rotate(); err != nil {
+			return res, fmt.Errorf("replica: partition %016x rotate: %w", p.pkey, err)
 		}
+		res.JournalRotated = true
+		segs = p.j.Segments()
+	}
+	var total int64
+	for _, s := range segs {
+		total += s.Size
+	}
+	keep := p.opts.JournalBudget * 3 / 4
+	if !all && total <= p.opts.JournalBudget {
+		keep = total
 	}
 
-	// Sealed journal segments: walk their records (a sequential read that
-	// brings the data along) and keep the pieces the map still points at.
+	// Sealed journal segments, oldest first: walk their records (a
+	// sequential read that brings the data along) and keep the pieces the
+	// map still points at.
 	b := &shardBuilder{p: p, res: &res}
+	var es []metastore.Extent
 	for _, s := range segs {
+		if !all && total <= keep {
+			break
+		}
 		p.mu.Lock()
 		live := p.mu.live[container{metastore.InJournal, s.ID}]
 		p.mu.Unlock()
 		if s.Active || live == 0 || s.Records == 0 {
 			continue
 		}
+		total -= s.Size
 		err := p.j.Replay(s.FirstOp-1, func(r *journal.Record, pos journal.Pos) error {
 			if r.OpNum > s.LastOp {
 				return errStopReplay
@@ -59,12 +77,16 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 			if r.Kind != journal.KindWrite || pos.Seg != s.ID {
 				return nil
 			}
-			return p.meta.Lookup(p.pkey, r.Off, r.Len, func(e metastore.Extent) error {
+			es = p.m.Lookup(es[:0], r.Off, r.Len)
+			for _, e := range es {
 				if e.Kind != metastore.KindData || e.Where != metastore.InJournal || e.Container != s.ID || e.Op != r.OpNum {
-					return nil
+					continue
 				}
-				return b.add(ctx, e, r.Data[e.COff-pos.Off:e.COff-pos.Off+e.Len])
-			})
+				if err := b.add(ctx, e, r.Data[e.COff-pos.Off:e.COff-pos.Off+e.Len]); err != nil {
+					return err
+				}
+			}
+			return nil
 		})
 		if err != nil && !errors.Is(err, errStopReplay) {
 			return res, mapErr(fmt.Errorf("replica: partition %016x flush segment %d: %w", p.pkey, s.ID, err))
@@ -81,20 +103,20 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 		}
 	}
 	p.mu.Unlock()
-	if len(sparse) > 0 {
-		err := p.meta.Scan(p.pkey, func(e metastore.Extent) error {
-			if e.Kind != metastore.KindData || e.Where != metastore.InObject || !sparse[e.Container] {
-				return nil
-			}
-			data := make([]byte, e.Len)
-			p.gc.RLock()
-			err := p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
-			p.gc.RUnlock()
-			if err != nil {
-				return err
-			}
-			return b.add(ctx, e, data)
-		})
+	for _, e := range p.m.Lookup(nil, 0, 1<<62) {
+		if len(sparse) == 0 {
+			break
+		}
+		if e.Kind != metastore.KindData || e.Where != metastore.InObject || !sparse[e.Container] {
+			continue
+		}
+		data := make([]byte, e.Len)
+		p.gc.RLock()
+		err := p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
+		p.gc.RUnlock()
+		if err == nil {
+			err = b.add(ctx, e, data)
+		}
 		if err != nil {
 			return res, mapErr(fmt.Errorf("replica: partition %016x compact shards: %w", p.pkey, err))
 		}
@@ -102,11 +124,20 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	if err := b.finish(ctx); err != nil {
 		return res, err
 	}
+	if res.Shards == 0 && !force && !p.reclaimable() {
+		return res, nil // nothing moved, nothing to reclaim
+	}
 
 	// Make the map and journal durable, then reclaim what is provably dead.
 	// Only ops already applied count: one appended but not yet applied
 	// may still point into a segment that looks empty.
-	synced := p.applied()
+	p.mu.Lock()
+	synced := p.mu.applied
+	err := p.m.Persist()
+	p.mu.Unlock()
+	if err != nil {
+		return res, mapErr(err)
+	}
 	if err := p.j.Sync(ctx); err != nil {
 		return res, mapErr(err)
 	}
@@ -163,6 +194,24 @@ func (b *shardBuilder) finish(ctx context.Context) error {
 	b.data = b.data[:0]
 	b.rel.moves = b.rel.moves[:0]
 	return nil
+}
+
+// reclaimable reports whether reclaim may find something to delete: a
+// sealed segment or a shard that nothing points into.
+func (p *Partition) reclaimable() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.mu.deadAt {
+		if c.where == metastore.InObject && p.mu.live[c] == 0 {
+			return true
+		}
+	}
+	for _, s := range p.j.Segments() {
+		if !s.Active && p.mu.live[container{metastore.InJournal, s.ID}] == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // reclaim deletes sealed segments and shards that no extent points into,
@@ -228,7 +277,10 @@ func (p *Partition) Destroy(ctx context.Context) error {
 			return err
 		}
 	}
-	if err := p.meta.DropPartition(p.pkey); err != nil {
+	p.mu.Lock()
+	err = p.m.Drop()
+	p.mu.Unlock()
+	if err != nil {
 		return err
 	}
 	for _, s := range p.j.Segments() {

@@ -55,10 +55,13 @@ type Options struct {
 	Dir string // journal directory
 	// SegmentSize is the journal segment size; 0: 64 MiB.
 	SegmentSize int64
-	// IdleRotate rotates a non-empty active segment that has seen no op for
-	// this long, so idle partitions get flushed; 0: 2 s.
-	IdleRotate time.Duration
-	Logger     *slog.Logger
+	// JournalBudget is the journal size above which Flush moves data out of
+	// the oldest segments; 0: 1 GiB.
+	JournalBudget int64
+	// IdleFlush: a partition that has seen no op for this long is flushed
+	// entirely (its active segment sealed); 0: 30 s.
+	IdleFlush time.Duration
+	Logger    *slog.Logger
 }
 
 // container identifies a journal segment or a shard.
@@ -72,6 +75,7 @@ type container struct {
 type Partition struct {
 	pkey  uint64
 	meta  *metastore.DB
+	m     *metastore.Map // the extent map; updates under p.mu
 	store erasure.ShardStore
 	j     *journal.Journal
 	opts  Options
@@ -109,8 +113,11 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	if o.SegmentSize == 0 {
 		o.SegmentSize = 64 << 20
 	}
-	if o.IdleRotate == 0 {
-		o.IdleRotate = 2 * time.Second
+	if o.JournalBudget == 0 {
+		o.JournalBudget = 1 << 30
+	}
+	if o.IdleFlush == 0 {
+		o.IdleFlush = 30 * time.Second
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -125,11 +132,12 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		return nil, fmt.Errorf("replica: partition %016x: %w", pkey, err)
 	}
 	p.j = j
-	applied, err := meta.Applied(pkey)
+	p.m, err = meta.OpenMap(pkey)
 	if err != nil {
 		j.Close()
 		return nil, err
 	}
+	applied := p.m.Applied()
 	if last := j.LastOpNum(); last < applied && last != 0 {
 		// The hook in metastore keeps this from happening; if it does, the
 		// map references journal records that are gone.
@@ -148,18 +156,13 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	p.mu.applied = p.seq.next - 1
 	p.flushedOp.Store(p.seq.next - 1)
 	// Rebuild space accounting from the map.
-	var n int64
-	if err := meta.Scan(pkey, func(e metastore.Extent) error {
-		n++
+	all := p.m.Lookup(nil, 0, 1<<62)
+	for _, e := range all {
 		if e.Kind == metastore.KindData {
 			p.mu.live[container{e.Where, e.Container}] += e.Len
 		}
-		return nil
-	}); err != nil {
-		j.Close()
-		return nil, err
 	}
-	p.extents.Store(n)
+	p.extents.Store(int64(len(all)))
 	shards, err := store.List(ctx, pkey)
 	if err != nil {
 		j.Close()
@@ -188,11 +191,22 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	return p, nil
 }
 
-// Close closes the journal. In-flight ops must have returned.
+// Persist hands the extent map's pending updates to the metastore, so that
+// closing the metastore makes them durable and the next open replays less.
+func (p *Partition) Persist() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.m.Persist()
+}
+
+// Close persists the extent map if the metastore is still open (nothing
+// is lost if not: the journal has every op) and closes the journal.
+// In-flight ops must have returned.
 func (p *Partition) Close() error {
+	perr := p.Persist()
 	p.gc.Lock()
 	defer p.gc.Unlock()
-	return p.j.Close()
+	return errors.Join(perr, p.j.Close())
 }
 
 func mapErr(err error) error {
@@ -259,8 +273,7 @@ func (p *Partition) applied() uint64 {
 // applyLocked applies one journal record to the extent map.
 // REQUIRES: p.mu held, or p not yet shared (recovery).
 func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
-	u := p.meta.NewUpdate(p.pkey)
-	defer u.Close()
+	u := p.m.Update()
 	removed := func(old metastore.Extent) {
 		if old.Kind == metastore.KindData {
 			p.dropLiveLocked(container{old.Where, old.Container}, old.Len, r.OpNum)
@@ -270,31 +283,22 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 	case journal.KindWrite:
 		e := metastore.Extent{Start: r.Off, Len: r.Len, Kind: metastore.KindData, Where: metastore.InJournal,
 			Container: pos.Seg, COff: pos.Off, Op: r.OpNum}
-		if err := u.Set(e, removed); err != nil {
-			return err
-		}
+		u.Set(e, removed)
 		p.mu.live[container{metastore.InJournal, pos.Seg}] += r.Len
 	case journal.KindZero:
-		if err := u.Set(metastore.Extent{Start: r.Off, Len: r.Len, Kind: metastore.KindZero, Op: r.OpNum}, removed); err != nil {
-			return err
-		}
+		u.Set(metastore.Extent{Start: r.Off, Len: r.Len, Kind: metastore.KindZero, Op: r.OpNum}, removed)
 	case journal.KindTrim:
-		if err := u.Set(metastore.Extent{Start: r.Off, Len: r.Len, Op: r.OpNum}, removed); err != nil {
-			return err
-		}
+		u.Set(metastore.Extent{Start: r.Off, Len: r.Len, Op: r.OpNum}, removed)
 	case journal.KindMeta:
 		rel, err := decodeRelocation(r.Aux)
 		if err != nil {
+			u.Abort()
 			return err
 		}
 		for _, m := range rel.moves {
 			moved := m.old
 			moved.Where, moved.Container, moved.COff = metastore.InObject, rel.seq, m.coff
-			ok, err := u.Replace(m.old, moved)
-			if err != nil {
-				return err
-			}
-			if ok {
+			if u.Replace(m.old, moved) {
 				p.dropLiveLocked(container{m.old.Where, m.old.Container}, m.old.Len, r.OpNum)
 				p.mu.live[container{metastore.InObject, rel.seq}] += m.old.Len
 			}
@@ -305,6 +309,7 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 			p.mu.deadAt[container{metastore.InObject, rel.seq}] = r.OpNum
 		}
 	default:
+		u.Abort()
 		return fmt.Errorf("replica: unknown record kind %d at op %d", r.Kind, r.OpNum)
 	}
 	delta := u.Delta
@@ -366,7 +371,20 @@ func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
 	defer p.gc.RUnlock()
 	at := off
 	end := off + int64(len(buf))
-	err := p.meta.Lookup(p.pkey, off, int64(len(buf)), func(e metastore.Extent) error {
+	var eb [8]metastore.Extent
+	es := p.m.Lookup(eb[:0], off, int64(len(buf)))
+	var err error
+	for i := 0; i < len(es) && err == nil; i++ {
+		e := es[i]
+		// Pieces adjacent both in the partition and in one container (a
+		// large write split by later overwrites, then rewritten) are one
+		// read.
+		for i+1 < len(es) && e.Kind == metastore.KindData && es[i+1].Kind == metastore.KindData &&
+			es[i+1].Start == e.End() && es[i+1].Where == e.Where && es[i+1].Container == e.Container &&
+			es[i+1].COff == e.COff+e.Len {
+			e.Len += es[i+1].Len
+			i++
+		}
 		if e.Start > at {
 			clear(buf[at-off : e.Start-off])
 		}
@@ -375,13 +393,12 @@ func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
 		switch {
 		case e.Kind != metastore.KindData:
 			clear(dst)
-			return nil
 		case e.Where == metastore.InJournal:
-			return p.j.ReadAt(dst, journal.Pos{Seg: e.Container, Off: e.COff})
+			err = p.j.ReadAt(dst, journal.Pos{Seg: e.Container, Off: e.COff})
 		default:
-			return p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, dst, e.COff)
+			err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, dst, e.COff)
 		}
-	})
+	}
 	if err != nil {
 		return mapErr(fmt.Errorf("replica: partition %016x read [%d,+%d): %w", p.pkey, off, len(buf), err))
 	}
@@ -402,7 +419,7 @@ func (p *Partition) Map(ctx context.Context, off, n int64) ([]target.Extent, err
 		out = append(out, target.Extent{Off: o, Len: l, Kind: k})
 	}
 	at := off
-	err := p.meta.Lookup(p.pkey, off, n, func(e metastore.Extent) error {
+	for _, e := range p.m.Lookup(nil, off, n) {
 		if e.Start > at {
 			add(at, e.Start-at, target.ExtentHole)
 		}
@@ -412,10 +429,6 @@ func (p *Partition) Map(ctx context.Context, off, n int64) ([]target.Extent, err
 		}
 		add(e.Start, e.Len, k)
 		at = e.End()
-		return nil
-	})
-	if err != nil {
-		return nil, mapErr(err)
 	}
 	if at < off+n {
 		add(at, off+n-at, target.ExtentHole)

@@ -6,6 +6,7 @@ import (
 	"math/rand"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/cockroachdb/pebble/vfs"
 
@@ -21,7 +22,9 @@ type rig struct {
 	p     *Partition
 }
 
-func openRig(t *testing.T, fs vfs.FS) *rig {
+// openRig opens partition (1, 0) on fs with 64 KiB segments and a 256 KiB
+// journal budget, so background flushes move data; opts may change that.
+func openRig(t *testing.T, fs vfs.FS, opts ...func(*Options)) *rig {
 	t.Helper()
 	r := &rig{t: t, fs: fs}
 	var err error
@@ -37,8 +40,11 @@ func openRig(t *testing.T, fs vfs.FS) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.p, err = OpenPartition(context.Background(), metastore.PKey(1, 0), r.meta, r.store,
-		Options{FS: fs, Dir: "journal", SegmentSize: 64 << 10})
+	o := Options{FS: fs, Dir: "journal", SegmentSize: 64 << 10, JournalBudget: 256 << 10}
+	for _, f := range opts {
+		f(&o)
+	}
+	r.p, err = OpenPartition(context.Background(), metastore.PKey(1, 0), r.meta, r.store, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,10 +191,13 @@ func TestPartitionPowerLoss(t *testing.T) {
 				}
 				reset()
 			case 1:
-				if _, err := r.p.Flush(context.Background(), rng.Intn(2) == 0); err != nil {
+				force := rng.Intn(2) == 0
+				if _, err := r.p.Flush(context.Background(), force); err != nil {
 					t.Fatal(err)
 				}
-				reset() // Flush syncs the journal
+				if force {
+					reset() // a forced Flush syncs the journal
+				}
 			}
 		}
 		fs.SetIgnoreSyncs(true)
@@ -279,4 +288,66 @@ func TestPartitionConcurrent(t *testing.T) {
 	r = openRig(t, fs)
 	r.check(&m, "after reopen")
 	r.close()
+}
+
+// TestFlushPolicy: a background Flush moves nothing while the journal is
+// within budget, moves the oldest segments once it is over, reclaims
+// segments whose data was all overwritten without copying them, and moves
+// everything once the partition is idle.
+func TestFlushPolicy(t *testing.T) {
+	ctx := context.Background()
+	journal := func(p *Partition) (total int64) {
+		for _, s := range p.j.Segments() {
+			total += s.Size
+		}
+		return total
+	}
+	r := openRig(t, vfs.NewMem(), func(o *Options) {
+		o.JournalBudget = 512 << 10
+		o.IdleFlush = time.Hour
+	})
+	defer r.close()
+	var m model
+	write := func(b int, fill byte) {
+		t.Helper()
+		if err := r.p.Write(ctx, bytes.Repeat([]byte{fill}, tbs), int64(b*tbs), false); err != nil {
+			t.Fatal(err)
+		}
+		m[b] = fill
+	}
+	for b := 0; b < tblocks; b++ { // 256 KiB of data: within budget
+		write(b, 1)
+	}
+	res, err := r.p.Flush(ctx, false)
+	if err != nil || res.Moved != 0 || res.SegmentsFreed != 0 {
+		t.Fatalf("within budget: flush = %+v, %v; want nothing done", res, err)
+	}
+	// Overwrite block 0 until the journal is over budget: the segments
+	// full of dead copies are reclaimed, and what they hold live (the
+	// first pass) is moved.
+	for i := 0; journal(r.p) <= 600<<10; i++ {
+		write(0, byte(2+i%200))
+	}
+	before := journal(r.p)
+	res, err = r.p.Flush(ctx, false)
+	if err != nil || res.SegmentsFreed == 0 || res.Moved == 0 || res.Moved > 256<<10 {
+		t.Fatalf("over budget: flush = %+v, %v", res, err)
+	}
+	if after := journal(r.p); after > 512<<10*3/4+64<<10 || after >= before {
+		t.Fatalf("over budget: journal %d -> %d bytes, want at most 3/4 of the budget plus a segment", before, after)
+	}
+	r.check(&m, "after budget flush")
+	if res, err := r.p.Flush(ctx, false); err != nil || res.Moved != 0 {
+		t.Fatalf("back within budget: flush = %+v, %v; want nothing moved", res, err)
+	}
+	// Idle: everything goes.
+	r.p.opts.IdleFlush = time.Nanosecond
+	if _, err := r.p.Flush(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	// The flush's own relocation op is the one op left in the journal.
+	if st := r.p.Stats(); st.FlushLag > 1 {
+		t.Fatalf("idle flush left flush lag %d", st.FlushLag)
+	}
+	r.check(&m, "after idle flush")
 }

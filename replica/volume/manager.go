@@ -56,7 +56,8 @@ type Config struct {
 	NBDAddr       string                // shown in api.Volume as nbd://ADDR/NAME
 	ISCSIAddr     string                // shown as the iSCSI portal
 	SegmentSize   int64                 // journal segment size; 0: 64 MiB
-	IdleRotate    time.Duration         // see replica.Options
+	JournalBudget int64                 // see replica.Options
+	IdleFlush     time.Duration         // see replica.Options
 	FlushInterval time.Duration         // background flush period; 0: 1 s
 }
 
@@ -243,7 +244,7 @@ func (v *vol) part(ctx context.Context, idx uint32) (*replica.Partition, error) 
 	rec := v.rec.Load()
 	p, err := replica.OpenPartition(ctx, metastore.PKey(rec.Num, idx), v.m.meta, v.m.store, replica.Options{
 		FS: v.m.cfg.FS, Dir: v.m.partDir(rec.Num, idx), SegmentSize: v.m.cfg.SegmentSize,
-		IdleRotate: v.m.cfg.IdleRotate, Logger: v.m.log.With("volume", rec.Name),
+		JournalBudget: v.m.cfg.JournalBudget, IdleFlush: v.m.cfg.IdleFlush, Logger: v.m.log.With("volume", rec.Name),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("volume %s: %w", rec.Name, err)
@@ -323,13 +324,18 @@ func (m *Manager) Close() error {
 
 func (m *Manager) closeAll() error {
 	var errs []error
+	for _, v := range m.volumes() {
+		for _, p := range v.partitions() {
+			errs = append(errs, p.Persist())
+		}
+	}
 	if m.meta != nil {
 		errs = append(errs, m.meta.Close()) // flushes: syncs journals first
 	}
 	for _, v := range m.volumes() {
 		for _, p := range v.partitions() {
 			m.journals.Delete(p)
-			errs = append(errs, p.Close())
+			errs = append(errs, p.Close()) // persisted above: touches no metastore
 		}
 	}
 	if m.store != nil {
