@@ -37,6 +37,9 @@ const (
 	// maxMapLen bounds the range one BLOCK_STATUS asks the device about;
 	// the spec lets the server answer a prefix.
 	maxMapLen = 1 << 30
+	// aloneFactor scales Config.InlineBelow for a request that is alone
+	// on its connection (see fast).
+	aloneFactor = 25
 )
 
 // conn is one client connection.
@@ -75,9 +78,10 @@ type conn struct {
 	// WRITEs, which decides whether they run inline on the reader.
 	lat [2]atomic.Int64
 
-	free    chan *slot // idle slots; a slot is a request buffer plus a worker's turn
-	work    chan *slot // read requests waiting for a worker
-	nslots  int        // slots made so far; owned by the reader
+	free    chan *slot   // idle slots; a slot is a request buffer plus a worker's turn
+	work    chan *slot   // read requests waiting for a worker
+	queued  atomic.Int32 // requests handed to c.work and not yet finished
+	nslots  int          // slots made so far; owned by the reader
 	workers sync.WaitGroup
 
 	// big bounds the memory of large requests in flight: small ones are
@@ -187,6 +191,7 @@ func (c *conn) serve() {
 	log.Info("nbd: export attached", "size", sess.geo.Size, "block_size", sess.geo.BlockSize,
 		"read_only", sess.geo.ReadOnly, "structured", sess.structured, "base_allocation", sess.meta)
 
+	br.Reset(newSpinReader(c.nc, c.s.cfg.SpinRead, func() bool { return c.queued.Load() == 0 }))
 	reason := c.transmit(br)
 	if err := sess.dev.Close(); err != nil {
 		log.Warn("nbd: closing device", "err", err)
@@ -259,12 +264,14 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 				return err
 			}
 		}
-		if c.fast(&sl.req) {
-			sl.cork = br.Buffered() >= requestSize
+		more := br.Buffered() >= requestSize
+		if c.fast(&sl.req, !more && c.queued.Load() == 0) {
+			sl.cork = more
 			c.run(sl) // see Config.InlineBelow
 			continue
 		}
 		sl.cork = false
+		c.queued.Add(1)
 		c.work <- sl
 	}
 }
@@ -286,10 +293,16 @@ func latKind(r *request) int {
 }
 
 // fast reports whether r should run on the reader: recent requests of its
-// kind took less than Config.InlineBelow.
-func (c *conn) fast(r *request) bool {
+// kind took less than Config.InlineBelow, or, when r is alone (no other
+// request received and none on the workers: queue depth 1), less than
+// aloneFactor times that, since there is nothing to overlap it with.
+func (c *conn) fast(r *request, alone bool) bool {
 	k := latKind(r)
-	return k >= 0 && c.s.cfg.InlineBelow > 0 && time.Duration(c.lat[k].Load()) < c.s.cfg.InlineBelow
+	lim := c.s.cfg.InlineBelow
+	if alone {
+		lim *= aloneFactor
+	}
+	return k >= 0 && lim > 0 && time.Duration(c.lat[k].Load()) < lim
 }
 
 // run executes a request, tracks its latency and frees its slot.
@@ -335,6 +348,7 @@ func (c *conn) worker() {
 	defer c.workers.Done()
 	for sl := range c.work {
 		c.run(sl)
+		c.queued.Add(-1)
 	}
 }
 

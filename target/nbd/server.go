@@ -45,6 +45,10 @@ type Config struct {
 	// the requests behind it on the connection until the average adapts.
 	// Zero means DefaultInlineBelow; negative disables.
 	InlineBelow time.Duration
+	// SpinRead is how long the reader polls an idle connection for the
+	// next request before it parks (see spinReader). Zero means
+	// DefaultSpinRead; negative disables.
+	SpinRead time.Duration
 	// DrainTimeout bounds how long Close waits for requests in flight:
 	// then the contexts of their device calls are cancelled; replies a
 	// client has not read after twice that are abandoned. Default 5s.
@@ -55,6 +59,7 @@ type Config struct {
 const (
 	DefaultMaxInFlight = 64
 	DefaultInlineBelow = 20 * time.Microsecond
+	DefaultSpinRead    = 50 * time.Microsecond
 )
 
 // Server serves the exports of a Catalog over NBD. It is safe for
@@ -84,6 +89,9 @@ func NewServer(cfg Config) *Server {
 	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 30 * time.Second
+	}
+	if cfg.SpinRead == 0 {
+		cfg.SpinRead = DefaultSpinRead
 	}
 	if cfg.InlineBelow == 0 {
 		cfg.InlineBelow = DefaultInlineBelow

@@ -672,13 +672,13 @@ func TestInlineFollowsLatency(t *testing.T) {
 	}
 	ts.mu.Unlock()
 	read, flush := &request{Type: cmdRead, Length: 512}, &request{Type: cmdFlush}
-	if conn.fast(read) || conn.fast(flush) {
+	if conn.fast(read, false) || conn.fast(flush, false) || conn.fast(read, true) {
 		t.Fatal("a new connection runs requests inline before measuring")
 	}
 	for i := range 100 {
 		c.readBack(false, uint64(i), 0, 512)
 	}
-	if !conn.fast(read) || conn.fast(&request{Type: cmdRead, Length: 2 << 20}) {
+	if !conn.fast(read, false) || conn.fast(&request{Type: cmdRead, Length: 2 << 20}, true) {
 		t.Fatalf("reads at %v average still not inline", time.Duration(conn.lat[0].Load()))
 	}
 	// Pipelined inline reads: their corked replies all come out.
@@ -707,7 +707,12 @@ func TestInlineFollowsLatency(t *testing.T) {
 	}
 	c.read(512)
 	c.readBack(false, 1001, 0, 512) // the reader has recorded the sample
-	if conn.fast(read) {
+	if conn.fast(read, false) {
 		t.Errorf("reads still inline after a %v average", time.Duration(conn.lat[0].Load()))
+	}
+	// Alone on the connection (queue depth 1), a few-millisecond average
+	// still runs inline: there is nothing to overlap it with.
+	if lat := time.Duration(conn.lat[0].Load()); lat < aloneFactor*time.Millisecond && !conn.fast(read, true) {
+		t.Errorf("a lone read at a %v average not inline (bound %v)", lat, aloneFactor*time.Millisecond)
 	}
 }
