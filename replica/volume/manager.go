@@ -56,7 +56,7 @@ type Config struct {
 	NBDAddr       string                // shown in api.Volume as nbd://ADDR/NAME
 	ISCSIAddr     string                // shown as the iSCSI portal
 	SegmentSize   int64                 // journal segment size; 0: 64 MiB
-	JournalBudget int64                 // see replica.Options
+	JournalBudget int64                 // see replica.Options; 0: twice the partition size
 	IdleFlush     time.Duration         // see replica.Options
 	FlushInterval time.Duration         // background flush period; 0: 1 s
 }
@@ -244,7 +244,7 @@ func (v *vol) part(ctx context.Context, idx uint32) (*replica.Partition, error) 
 	rec := v.rec.Load()
 	p, err := replica.OpenPartition(ctx, metastore.PKey(rec.Num, idx), v.m.meta, v.m.store, replica.Options{
 		FS: v.m.cfg.FS, Dir: v.m.partDir(rec.Num, idx), SegmentSize: v.m.cfg.SegmentSize,
-		JournalBudget: v.m.cfg.JournalBudget, IdleFlush: v.m.cfg.IdleFlush, Logger: v.m.log.With("volume", rec.Name),
+		JournalBudget: v.m.journalBudget(rec), IdleFlush: v.m.cfg.IdleFlush, Logger: v.m.log.With("volume", rec.Name),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("volume %s: %w", rec.Name, err)
@@ -262,6 +262,18 @@ func (v *vol) partitions() []*replica.Partition {
 		out = append(out, p)
 	}
 	return out
+}
+
+// journalBudget is how much journal a partition of rec keeps before its
+// flush moves data out: by default twice the partition size, so a
+// partition that is rewritten again and again (its journal full of data
+// that dies before it is moved) has its dead segments reclaimed without
+// copying anything.
+func (m *Manager) journalBudget(rec *volRecord) int64 {
+	if m.cfg.JournalBudget > 0 {
+		return m.cfg.JournalBudget
+	}
+	return 2 * rec.PartitionSize
 }
 
 func (m *Manager) flusher() {
