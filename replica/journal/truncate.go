@@ -25,7 +25,11 @@ import (
 //
 // TruncateFrom runs as a round of the group commit: no Sync round runs
 // meanwhile, so none can report removed records, or records appended
-// after the cut, durable by mistake. Readers holding a segment that is
+// after the cut, durable by mistake. But a Sync call must not overlap a
+// TruncateFrom: Sync waits for the last opnum it read at its start, and if
+// a cut removed that opnum it runs rounds of fsyncs until appends pass it
+// again. The caller serializes them (a replica driver calls both from one
+// goroutine, and its metastore flush hook takes the driver's lock). Readers holding a segment that is
 // removed or cut finish their reads; later reads of removed records fail
 // (ErrRemoved, ErrRange). A failure after the first change poisons the
 // journal (ErrFailed): reopen it, and the disk holds a prefix.

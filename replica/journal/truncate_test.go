@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"testing"
 
 	"github.com/cockroachdb/pebble/vfs"
@@ -216,7 +217,8 @@ func TestTruncateFromPowerLoss(t *testing.T) {
 
 // TestTruncateFromConcurrent truncates and appends while other goroutines
 // sync and read records that are never cut: the reads must succeed, and
-// every Sync must return nil (-race checks the locking).
+// every Sync must return nil (-race checks the locking). Syncs and cuts
+// are serialized by the caller, as TruncateFrom requires.
 func TestTruncateFromConcurrent(t *testing.T) {
 	j := openT(t, vfs.NewMem(), "j", Options{SegmentSize: 600})
 	defer j.Close()
@@ -224,6 +226,7 @@ func TestTruncateFromConcurrent(t *testing.T) {
 	base, poss := truncFixture(t, j, rng, 10) // ops 1..10 are never cut
 	stop := make(chan struct{})
 	errc := make(chan error, 2)
+	var cutMu sync.RWMutex // syncs share it; a cut takes it alone
 	go func() {
 		for {
 			select {
@@ -232,7 +235,10 @@ func TestTruncateFromConcurrent(t *testing.T) {
 				return
 			default:
 			}
-			if err := j.Sync(context.Background()); err != nil {
+			cutMu.RLock()
+			err := j.Sync(context.Background())
+			cutMu.RUnlock()
+			if err != nil {
 				errc <- err
 				return
 			}
@@ -263,7 +269,10 @@ func TestTruncateFromConcurrent(t *testing.T) {
 			}
 		}
 		cut := 11 + rng.Uint64N(last-9)
-		if err := j.TruncateFrom(cut); err != nil {
+		cutMu.Lock()
+		err := j.TruncateFrom(cut)
+		cutMu.Unlock()
+		if err != nil {
 			t.Fatal(err)
 		}
 		last = min(last, cut-1)
