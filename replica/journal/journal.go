@@ -292,6 +292,9 @@ func (j *Journal) load() error {
 		buf = sc.buf
 		s.size.Store(off)
 		if off == fileSize {
+			if i == len(ids)-1 && off < j.segSize {
+				j.presize(s.f) // the active segment, left exact by Close
+			}
 			continue
 		}
 		// An invalid record at off. In the newest segment it is a torn tail.
@@ -320,8 +323,14 @@ func (j *Journal) load() error {
 				}
 			}
 		}
-		j.log.Warn("journal: cutting torn tail", "segment", id, "offset", off, "bytes", fileSize-off,
-			"reason", bad, "later_segments_dropped", len(later))
+		if newest := len(later) == 0; newest && fileSize == j.segSize && zeroHeader(sc, off) {
+			// The unwritten rest of a presized active segment (or a torn
+			// tail that left zeros: the same cut serves both).
+			j.log.Debug("journal: cutting the presized tail of the active segment", "segment", id, "offset", off)
+		} else {
+			j.log.Warn("journal: cutting torn tail", "segment", id, "offset", off, "bytes", fileSize-off,
+				"reason", bad, "later_segments_dropped", len(later))
+		}
 		for _, lid := range later {
 			if err := j.fs.Remove(j.path(lid)); err != nil {
 				return fmt.Errorf("journal: remove %s: %w", j.path(lid), err)
@@ -336,6 +345,9 @@ func (j *Journal) load() error {
 		}
 		if err := j.cut(s, off); err != nil {
 			return err
+		}
+		if len(later) == 0 {
+			j.presize(s.f)
 		}
 		break
 	}
@@ -390,6 +402,7 @@ func (j *Journal) createSegment(id uint64) (*segment, error) {
 	if err != nil {
 		return nil, fmt.Errorf("journal: create %s: %w", s.path, err)
 	}
+	j.presize(f)
 	if err := j.dirf.Sync(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
@@ -397,6 +410,32 @@ func (j *Journal) createSegment(id uint64) (*segment, error) {
 	s.f = f
 	s.refs.Store(1)
 	return s, nil
+}
+
+// presize makes f, the active segment, SegmentSize bytes long without
+// allocating anything (a sparse file): appends then write inside the file
+// instead of extending it, which on ext4 is several times cheaper (2 GiB
+// in 1 MiB writes on this project's test machines: 0.8 GB/s appending to
+// a new file, 7 GB/s into a sparse one). Best effort: a file that cannot
+// be resized just grows as it is written.
+func (j *Journal) presize(f vfs.File) {
+	if t, ok := f.(truncater); ok {
+		if err := t.Truncate(j.segSize); err != nil {
+			j.log.Warn("journal: cannot pre-size segment", "err", err)
+		}
+	}
+}
+
+// trimTail cuts a presized segment file to the end of its records.
+func trimTail(s *segment) error {
+	t, ok := s.f.(truncater)
+	if !ok {
+		return nil
+	}
+	if err := t.Truncate(s.size.Load()); err != nil {
+		return fmt.Errorf("journal: truncate %s to %d: %w", s.path, s.size.Load(), err)
+	}
+	return nil
 }
 
 // startsWithRecord reports whether segment id begins with a valid record.
@@ -448,6 +487,23 @@ func tornLike(sc *scanner, off, size int64) (bool, error) {
 		off += int64(n)
 	}
 	return true, nil
+}
+
+// zeroHeader reports whether the header-sized bytes at off are all zero.
+func zeroHeader(sc *scanner, off int64) bool {
+	if sc.size-off < HeaderSize {
+		return false
+	}
+	b, err := sc.window(off, HeaderSize)
+	if err != nil {
+		return false
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 // truncater is implemented by files that can shrink (os.File).
@@ -607,7 +663,7 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 // record it just wrote ends, and the segments are in order.
 // REQUIRES: j.mu
 func (j *Journal) checkAppendLocked(s *segment, end int64) {
-	if st, err := s.f.Stat(); err == nil && st.Size() != end {
+	if st, err := s.f.Stat(); err == nil && st.Size() != end && (st.Size() != j.segSize || end > j.segSize) {
 		panic(fmt.Sprintf("journal: %s is %d bytes after a record ending at %d", s.path, st.Size(), end))
 	}
 	for i, t := range j.mu.segs {
@@ -643,6 +699,11 @@ func (j *Journal) Rotate() (sealed uint64, err error) {
 // REQUIRES: j.mu
 func (j *Journal) rotateLocked() (uint64, error) {
 	old := j.mu.active
+	// A sealed segment ends exactly at its last record (the next Sync
+	// makes that durable, before anything in the new segment).
+	if err := trimTail(old); err != nil {
+		return 0, j.poison(fmt.Errorf("%w: %w", ErrFailed, err))
+	}
 	s, err := j.createSegment(old.id + 1)
 	if err != nil {
 		return 0, err
@@ -827,6 +888,13 @@ func (j *Journal) Close() error {
 		errs = append(errs, err)
 	}
 	j.mu.Lock()
+	if a := j.mu.active; a != nil && j.failed() == nil {
+		// Leave exact files behind (not synced: Open cuts a presized tail
+		// anyway).
+		if err := trimTail(a); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	segs := j.mu.segs
 	j.mu.segs, j.mu.unsynced, j.mu.active = nil, nil, nil
 	j.mu.Unlock()

@@ -717,3 +717,59 @@ func TestCloseWhileReading(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// TestPresizedSegments: on a real file system the active segment is
+// presized to SegmentSize (sparse), a sealed segment ends exactly at its
+// last record, Close leaves the active one exact too, and reopening keeps
+// every record.
+func TestPresizedSegments(t *testing.T) {
+	dir := t.TempDir()
+	const segSize = 1 << 20
+	size := func(id uint64) int64 {
+		t.Helper()
+		st, err := vfs.Default.Stat(vfs.Default.PathJoin(dir, segName(id)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.Size()
+	}
+	j := openT(t, vfs.Default, dir, Options{SegmentSize: segSize})
+	var want []Record
+	for i := 1; i <= 10; i++ {
+		r := Record{Kind: KindWrite, OpNum: uint64(i), Off: int64(i) * 4096, Len: 4096, Data: bytes.Repeat([]byte{byte(i)}, 4096)}
+		if _, err := j.Append(&r); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, r)
+	}
+	if got := size(1); got != segSize {
+		t.Fatalf("active segment is %d bytes, want presized to %d", got, segSize)
+	}
+	sealed, err := j.Rotate()
+	if err != nil || sealed != 1 {
+		t.Fatalf("rotate = %d, %v", sealed, err)
+	}
+	if got, end := size(1), j.Segments()[0].Size; got != end {
+		t.Fatalf("sealed segment is %d bytes, its records end at %d", got, end)
+	}
+	r := Record{Kind: KindMeta, OpNum: 11, Aux: []byte("x")}
+	if _, err := j.Append(&r); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, r)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := size(2); got != HeaderSize+1 {
+		t.Fatalf("closed active segment is %d bytes, want %d", got, HeaderSize+1)
+	}
+	j = openT(t, vfs.Default, dir, Options{SegmentSize: segSize})
+	got, _ := replayAll(t, j, 0)
+	checkRecords(t, got, want)
+	if got := size(2); got != segSize {
+		t.Fatalf("reopened active segment is %d bytes, want presized to %d", got, segSize)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
