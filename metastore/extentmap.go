@@ -112,6 +112,15 @@ func (m *Map) Lookup(dst []Extent, start, n int64) []Extent {
 	return dst
 }
 
+// Holds reports whether the map holds exactly e (an extent Lookup returned
+// unclipped, and not changed since).
+func (m *Map) Holds(e Extent) bool {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	cur, ok := m.mu.tree.Get(e)
+	return ok && cur == e
+}
+
 // overlapsLocked calls fn for every extent overlapping [start, end), in
 // order, unclipped.
 // REQUIRES: m.mu (read or write)

@@ -266,6 +266,7 @@ func (p *Partition) reclaim(ctx context.Context, synced uint64, res *FlushResult
 // map and its journal directory. The partition must be closed by the caller
 // right after; no op may be in flight.
 func (p *Partition) Destroy(ctx context.Context) error {
+	p.stopDefrag()
 	p.gc.Lock()
 	defer p.gc.Unlock()
 	shards, err := p.store.List(ctx, p.pkey)

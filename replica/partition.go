@@ -61,7 +61,11 @@ type Options struct {
 	// IdleFlush: a partition that has seen no op for this long is flushed
 	// entirely (its active segment sealed); 0: 30 s.
 	IdleFlush time.Duration
-	Logger    *slog.Logger
+	// DefragPieces: a read of 128 KiB or more that finds this many pieces
+	// of data (that cannot be read together) has them rewritten side by
+	// side in the background (see defrag.go); 0: 8, negative: never.
+	DefragPieces int
+	Logger       *slog.Logger
 }
 
 // container identifies a journal segment or a shard.
@@ -86,6 +90,8 @@ type Partition struct {
 	flushedOp  atomic.Uint64
 
 	gc sync.RWMutex
+
+	defrag *defragger // background rewrites of fragmented ranges
 
 	failed atomic.Pointer[error] // sticky: the map and journal disagree
 
@@ -118,6 +124,9 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	}
 	if o.IdleFlush == 0 {
 		o.IdleFlush = 30 * time.Second
+	}
+	if o.DefragPieces == 0 {
+		o.DefragPieces = 8
 	}
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -188,6 +197,7 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		p.log.Info("partition recovered", "applied", applied, "replayed", replayed, "next_op", p.seq.next)
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
+	p.startDefrag()
 	return p, nil
 }
 
@@ -203,6 +213,7 @@ func (p *Partition) Persist() error {
 // is lost if not: the journal has every op) and closes the journal.
 // In-flight ops must have returned.
 func (p *Partition) Close() error {
+	p.stopDefrag()
 	perr := p.Persist()
 	p.gc.Lock()
 	defer p.gc.Unlock()
@@ -374,6 +385,7 @@ func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
 	var eb [8]metastore.Extent
 	es := p.m.Lookup(eb[:0], off, int64(len(buf)))
 	var err error
+	reads := 0 // read calls for data
 	for i := 0; i < len(es) && err == nil; i++ {
 		e := es[i]
 		// Pieces adjacent both in the partition and in one container (a
@@ -394,10 +406,15 @@ func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
 		case e.Kind != metastore.KindData:
 			clear(dst)
 		case e.Where == metastore.InJournal:
+			reads++
 			err = p.j.ReadAt(dst, journal.Pos{Seg: e.Container, Off: e.COff})
 		default:
+			reads++
 			err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, dst, e.COff)
 		}
+	}
+	if err == nil && p.opts.DefragPieces > 0 && reads >= p.opts.DefragPieces && len(buf) >= defragMinRead {
+		p.offerDefrag(es, buf, off)
 	}
 	if err != nil {
 		return mapErr(fmt.Errorf("replica: partition %016x read [%d,+%d): %w", p.pkey, off, len(buf), err))

@@ -351,3 +351,65 @@ func TestFlushPolicy(t *testing.T) {
 	}
 	r.check(&m, "after idle flush")
 }
+
+// TestDefragOnRead: a large read of a range scattered over many journal
+// records has it rewritten side by side in one shard in the background;
+// the data stays the same, and a write after that still wins.
+func TestDefragOnRead(t *testing.T) {
+	ctx := context.Background()
+	r := openRig(t, vfs.NewMem())
+	defer func() { r.close() }()
+	var m model
+	// Every other block in its own record, interleaved with writes
+	// elsewhere so no two are adjacent in the journal.
+	for b := 0; b < tblocks; b += 2 {
+		for _, blk := range []int{b, (b + 1) % tblocks} {
+			fill := byte(1 + (blk*7+b)%250)
+			if err := r.p.Write(ctx, bytes.Repeat([]byte{fill}, tbs), int64(blk*tbs), false); err != nil {
+				t.Fatal(err)
+			}
+			m[blk] = fill
+		}
+	}
+	for b := 1; b < tblocks; b += 4 {
+		if err := r.p.Write(ctx, bytes.Repeat([]byte{0xee}, tbs), int64(b*tbs), false); err != nil {
+			t.Fatal(err)
+		}
+		m[b] = 0xee
+	}
+	pieces := func() (n int, containers map[uint64]bool) {
+		containers = map[uint64]bool{}
+		es := r.p.m.Lookup(nil, 0, tblocks*tbs)
+		for i, e := range es {
+			if i == 0 || e.Where != es[i-1].Where || e.Container != es[i-1].Container || e.COff != es[i-1].COff+es[i-1].Len {
+				n++
+			}
+			containers[e.Container] = true
+		}
+		return n, containers
+	}
+	if n, _ := pieces(); n < 16 {
+		t.Fatalf("setup: only %d separately stored pieces", n)
+	}
+	r.check(&m, "fragmented") // one 256 KiB read: offers the range
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if n, cs := pieces(); n == 1 && len(cs) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			n, cs := pieces()
+			t.Fatalf("range not defragmented: %d pieces in %d containers", n, len(cs))
+		}
+		time.Sleep(time.Millisecond) // polling the background rewrite
+	}
+	r.check(&m, "defragmented")
+	if err := r.p.Write(ctx, bytes.Repeat([]byte{0x11}, tbs), 5*tbs, false); err != nil {
+		t.Fatal(err)
+	}
+	m[5] = 0x11
+	r.check(&m, "overwritten after defrag")
+	r.close()
+	r = openRig(t, r.fs)
+	r.check(&m, "reopened")
+}
