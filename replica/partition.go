@@ -201,6 +201,11 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	return p, nil
 }
 
+// Quiesce stops the partition's own background work (defragmentation)
+// and waits for it, so that no op is applied after it returns unless a
+// caller issues one. Close does it too.
+func (p *Partition) Quiesce() { p.stopDefrag() }
+
 // Persist hands the extent map's pending updates to the metastore, so that
 // closing the metastore makes them durable and the next open replays less.
 func (p *Partition) Persist() error {
