@@ -103,10 +103,11 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 		}
 	}
 	p.mu.Unlock()
-	for _, e := range p.m.Lookup(nil, 0, 1<<62) {
-		if len(sparse) == 0 {
-			break
-		}
+	var everything []metastore.Extent
+	if len(sparse) > 0 {
+		everything = p.m.Lookup(nil, 0, 1<<62)
+	}
+	for _, e := range everything {
 		if e.Kind != metastore.KindData || e.Where != metastore.InObject || !sparse[e.Container] {
 			continue
 		}
@@ -166,6 +167,9 @@ func (b *shardBuilder) add(ctx context.Context, e metastore.Extent, data []byte)
 		if err := b.finish(ctx); err != nil {
 			return err
 		}
+	}
+	if b.data == nil {
+		b.data = make([]byte, 0, maxShard)
 	}
 	b.rel.moves = append(b.rel.moves, move{old: e, coff: int64(len(b.data))})
 	b.data = append(b.data, data...)
