@@ -121,6 +121,7 @@ type Journal struct {
 		active   *segment
 		segs     []*segment // every live segment by id; active last
 		unsynced []*segment // sealed segments not yet fsync'ed, oldest first
+		dirDirty bool       // a segment was created since the last directory fsync
 		last     uint64     // opnum of the last appended record
 		buf      []byte     // record assembly buffer
 	}
@@ -397,16 +398,26 @@ func (j *Journal) openSegment(id uint64, writable bool) (*segment, error) {
 
 // createSegment creates an empty segment and fsyncs the directory.
 func (j *Journal) createSegment(id uint64) (*segment, error) {
+	s, err := j.createSegmentNoSync(id)
+	if err != nil {
+		return nil, err
+	}
+	if err := j.dirf.Sync(); err != nil {
+		s.f.Close()
+		return nil, fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
+	}
+	return s, nil
+}
+
+// createSegmentNoSync creates an empty, presized segment; the directory
+// entry is made durable by a later fsync of the directory.
+func (j *Journal) createSegmentNoSync(id uint64) (*segment, error) {
 	s := &segment{id: id, path: j.path(id)}
 	f, err := j.fs.Create(s.path)
 	if err != nil {
 		return nil, fmt.Errorf("journal: create %s: %w", s.path, err)
 	}
 	j.presize(f)
-	if err := j.dirf.Sync(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
-	}
 	s.f = f
 	s.refs.Store(1)
 	return s, nil
@@ -704,10 +715,14 @@ func (j *Journal) rotateLocked() (uint64, error) {
 	if err := trimTail(old); err != nil {
 		return 0, j.poison(fmt.Errorf("%w: %w", ErrFailed, err))
 	}
-	s, err := j.createSegment(old.id + 1)
+	// No directory fsync here, under the lock of every Append: the next
+	// Sync round does it before it reports anything in the new segment
+	// durable (see syncRound).
+	s, err := j.createSegmentNoSync(old.id + 1)
 	if err != nil {
 		return 0, err
 	}
+	j.mu.dirDirty = true
 	j.tab.Lock()
 	j.tab.m[s.id] = s
 	j.tab.Unlock()

@@ -89,6 +89,8 @@ func (j *Journal) syncRound() (uint64, error) {
 		return 0, ErrClosed
 	}
 	op := j.mu.last
+	dirDirty := j.mu.dirDirty
+	j.mu.dirDirty = false
 	segs := append(j.commit.scratch[:0], j.mu.unsynced...)
 	sealed := len(segs)
 	segs = append(segs, j.mu.active)
@@ -102,6 +104,12 @@ func (j *Journal) syncRound() (uint64, error) {
 		if err = s.f.SyncData(); err != nil {
 			err = fmt.Errorf("%w: fsync %s: %w", ErrFailed, s.path, err)
 			break
+		}
+	}
+	if err == nil && dirDirty {
+		// Segments created since the last round: their directory entries.
+		if err = j.dirf.Sync(); err != nil {
+			err = fmt.Errorf("%w: fsync dir %s: %w", ErrFailed, j.dir, err)
 		}
 	}
 	if err == nil && sealed > 0 {
