@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/cockroachdb/pebble"
 	"github.com/google/btree"
@@ -14,27 +15,27 @@ import (
 // no longer matches any prefix of the op stream and must be reopened.
 var ErrBroken = errors.New("metastore: extent map abandoned mid-update")
 
-// PersistEvery is how many committed updates a Map holds in its pending
-// Pebble batch before it commits the batch on its own.
-const PersistEvery = 256
-
 // Map is one partition's extent map. Every lookup is answered from memory
 // (a B-tree keyed by extent start); Pebble is where the map is persisted.
 //
-// Updates go into the tree at once and into a pending Pebble batch that is
-// committed every PersistEvery updates, on Persist, and on Sync, together
-// with the applied opnum of its newest update: the persisted map is always
-// the map after some prefix of the op stream, possibly older than the map in
+// Updates go into the tree at once and into a pending Pebble batch. Persist
+// (the partition's background work calls it) commits the pending batch
+// together with the applied opnum of its newest update, outside the
+// updater's lock, so a Pebble commit that waits (for a memtable flush, say)
+// never stalls the partition's ops: the persisted map is always the map
+// after some prefix of the op stream, possibly older than the map in
 // memory. That is safe because the journal is the log: recovery (OpenMap,
 // then replay of the journal after Persisted) rebuilds what was pending.
 //
-// Concurrency: Lookup, Len, Applied and Persisted are safe for concurrent
-// use with each other and with one updater. Update (until its Commit or
-// Abort), Persist, Sync and Drop are the updater's: the caller serializes
-// them (the partition applies ops under one lock).
+// Concurrency: Lookup, Holds, Len and Applied are safe for concurrent use
+// with everything. Update (until its Commit or Abort) is the updater's: the
+// caller serializes updates under a lock of its own (the partition's apply
+// lock), which it passes to Persist and Sync; Drop needs no update in
+// flight.
 //
 // Memory: about 100 bytes per extent (the tree node and the Extent), so a
-// partition fragmented into 4 KiB extents costs about 25 MiB per GiB.
+// partition fragmented into 4 KiB extents costs about 25 MiB per GiB; the
+// pending batch about 60 bytes per update since the last Persist.
 type Map struct {
 	d    *DB
 	pkey uint64
@@ -46,10 +47,14 @@ type Map struct {
 	}
 
 	// Owned by the updater.
-	b         *pebble.Batch // pending, not yet committed
-	pend      int           // updates in b
-	persisted uint64
-	broken    bool
+	b      *pebble.Batch // pending, not yet committed
+	broken atomic.Bool
+
+	// persist serializes commits of detached batches, in detach order.
+	persist struct {
+		sync.Mutex
+		persisted uint64
+	}
 }
 
 func lessStart(a, b Extent) bool { return a.Start < b.Start }
@@ -63,7 +68,7 @@ func (d *DB) OpenMap(pkey uint64) (*Map, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.mu.applied, m.persisted = applied, applied
+	m.mu.applied, m.persist.persisted = applied, applied
 	it, err := d.partIter(pkey)
 	if err != nil {
 		return nil, err
@@ -89,9 +94,12 @@ func (m *Map) Applied() uint64 {
 	return m.mu.applied
 }
 
-// Persisted is the applied opnum of the map Pebble holds. Only the updater
-// may call it.
-func (m *Map) Persisted() uint64 { return m.persisted }
+// Persisted is the applied opnum of the map Pebble holds.
+func (m *Map) Persisted() uint64 {
+	m.persist.Lock()
+	defer m.persist.Unlock()
+	return m.persist.persisted
+}
 
 // Len is the number of extents.
 func (m *Map) Len() int {
@@ -220,8 +228,7 @@ func (u *Update) del(start int64) {
 }
 
 // Commit ends the update with the partition's applied opnum set to op and
-// releases the lock. Every PersistEvery updates it persists the pending
-// batch (see Persist). An error leaves the map broken.
+// releases the lock. An error leaves the map broken.
 func (u *Update) Commit(op uint64) error {
 	m := u.m
 	var ab [8]byte
@@ -235,10 +242,6 @@ func (u *Update) Commit(op uint64) error {
 		m.abandon()
 		return fmt.Errorf("metastore: map %016x op %d: %w", m.pkey, op, u.err)
 	}
-	m.pend++
-	if m.pend >= PersistEvery {
-		return m.Persist()
-	}
 	return nil
 }
 
@@ -249,57 +252,70 @@ func (u *Update) Abort() {
 	u.m.abandon()
 }
 
+// REQUIRES: the updater's lock, or no update in flight
 func (m *Map) abandon() {
-	m.broken = true
+	m.broken.Store(true)
 	if m.b != nil {
 		m.b.Close()
 		m.b = nil
 	}
-	m.pend = 0
 }
 
-// Persist commits the pending batch to Pebble (not yet durable: see Sync).
-func (m *Map) Persist() error {
-	if m.broken {
-		return fmt.Errorf("%w: partition %016x", ErrBroken, m.pkey)
-	}
-	if m.pend == 0 {
-		return nil
-	}
+// Persist commits to Pebble (not yet durable: see Sync) every update
+// committed before the call. updater is the caller's lock that serializes
+// updates; Persist holds it only to take the pending batch, not while
+// Pebble commits it. It must not be held by the caller.
+func (m *Map) Persist(updater sync.Locker) error {
+	m.persist.Lock()
+	defer m.persist.Unlock()
+	updater.Lock()
+	b := m.b
+	m.b = nil
 	m.mu.RLock()
 	applied := m.mu.applied
 	m.mu.RUnlock()
-	b := m.b
-	m.b, m.pend = nil, 0
+	updater.Unlock()
+	if m.broken.Load() {
+		if b != nil {
+			b.Close()
+		}
+		return fmt.Errorf("%w: partition %016x", ErrBroken, m.pkey)
+	}
+	if b == nil {
+		return nil
+	}
 	err := b.Commit(pebble.NoSync)
 	b.Close()
 	if err != nil {
-		m.broken = true
+		m.broken.Store(true)
 		return fmt.Errorf("metastore: persist map %016x: %w", m.pkey, err)
 	}
-	m.persisted = applied
+	m.persist.persisted = applied
 	return nil
 }
 
-// Sync persists the pending batch and makes the persisted map durable (a
+// Sync persists (see Persist) and makes the persisted map durable (a
 // Pebble flush, which syncs the journals first through BeforeFlush).
-func (m *Map) Sync() error {
-	if err := m.Persist(); err != nil {
+func (m *Map) Sync(updater sync.Locker) error {
+	if err := m.Persist(updater); err != nil {
 		return err
 	}
 	return m.d.Sync()
 }
 
-// Drop deletes the partition's map, in memory and in Pebble.
+// Drop deletes the partition's map, in memory and in Pebble. No update may
+// be in flight, and the updater's lock must not be held.
 func (m *Map) Drop() error {
+	m.persist.Lock()
+	defer m.persist.Unlock()
 	m.mu.Lock()
 	m.mu.tree.Clear(false)
 	m.mu.applied = 0
 	m.mu.Unlock()
 	if m.b != nil {
 		m.b.Close()
-		m.b, m.pend = nil, 0
+		m.b = nil
 	}
-	m.persisted = 0
+	m.persist.persisted = 0
 	return m.d.DropPartition(m.pkey)
 }

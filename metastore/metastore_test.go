@@ -2,6 +2,7 @@ package metastore
 
 import (
 	"math/rand"
+	"sync"
 	"testing"
 
 	"github.com/cockroachdb/pebble/vfs"
@@ -32,6 +33,7 @@ func TestExtentMapOracle(t *testing.T) {
 			off  int64
 		}
 		var oracle [blocks]cell
+		var updater sync.Mutex // the test's updates are serial; Persist wants the lock anyway
 		m, err := d.OpenMap(pkey)
 		if err != nil {
 			t.Fatal(err)
@@ -85,7 +87,7 @@ func TestExtentMapOracle(t *testing.T) {
 			if op == 1000 {
 				// A reopen in the middle: what was pending is lost (the
 				// journal replay's job); what was persisted loads.
-				if err := m.Persist(); err != nil {
+				if err := m.Persist(&updater); err != nil {
 					t.Fatal(err)
 				}
 				m2, err := d.OpenMap(pkey)
@@ -107,7 +109,7 @@ func TestExtentMapOracle(t *testing.T) {
 		if a := m.Applied(); a != 2000 {
 			t.Fatalf("applied = %d", a)
 		}
-		if err := m.Sync(); err != nil {
+		if err := m.Sync(&updater); err != nil {
 			t.Fatal(err)
 		}
 		if err := d.Close(); err != nil {

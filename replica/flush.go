@@ -14,6 +14,10 @@ import (
 // maxShard bounds the bytes one flush writes into one shard.
 const maxShard = 8 << 20
 
+// reclaimEvery is how often a flush that moved nothing may reclaim dead
+// segments and shards while the journal is within budget.
+const reclaimEvery = 5 * time.Second
+
 // FlushResult says what one Flush did.
 type FlushResult struct {
 	Moved          int64 // bytes moved into shards
@@ -36,6 +40,10 @@ type FlushResult struct {
 // points into are deleted.
 func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) {
 	var res FlushResult
+	// The map's pending updates go to Pebble here, off the ops' path.
+	if err := p.Persist(); err != nil {
+		return res, mapErr(err)
+	}
 	segs := p.j.Segments()
 	all := force || time.Since(time.Unix(0, p.lastOpTime.Load())) >= p.opts.IdleFlush
 	if n := len(segs); all && n > 0 && segs[n-1].Active && segs[n-1].Size > 0 {
@@ -49,8 +57,9 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	for _, s := range segs {
 		total += s.Size
 	}
+	over := total > p.opts.JournalBudget
 	keep := p.opts.JournalBudget * 3 / 4
-	if !all && total <= p.opts.JournalBudget {
+	if !all && !over {
 		keep = total
 	}
 
@@ -125,18 +134,18 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	if err := b.finish(ctx); err != nil {
 		return res, err
 	}
-	if res.Shards == 0 && !force && !p.reclaimable() {
-		return res, nil // nothing moved, nothing to reclaim
+	// Reclaiming costs a journal fsync and a metastore flush: with nothing
+	// moved, do it at most every reclaimEvery unless space is short.
+	if res.Shards == 0 && !force && !(p.reclaimable() && (over || time.Since(p.lastReclaim) >= reclaimEvery)) {
+		return res, nil
 	}
+	p.lastReclaim = time.Now()
 
 	// Make the map and journal durable, then reclaim what is provably dead.
 	// Only ops already applied count: one appended but not yet applied
 	// may still point into a segment that looks empty.
-	p.mu.Lock()
-	synced := p.mu.applied
-	err := p.m.Persist()
-	p.mu.Unlock()
-	if err != nil {
+	synced := p.applied()
+	if err := p.m.Persist(&p.mu.Mutex); err != nil {
 		return res, mapErr(err)
 	}
 	if err := p.j.Sync(ctx); err != nil {
@@ -282,10 +291,7 @@ func (p *Partition) Destroy(ctx context.Context) error {
 			return err
 		}
 	}
-	p.mu.Lock()
-	err = p.m.Drop()
-	p.mu.Unlock()
-	if err != nil {
+	if err := p.m.Drop(); err != nil {
 		return err
 	}
 	for _, s := range p.j.Segments() {

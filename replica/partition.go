@@ -93,6 +93,8 @@ type Partition struct {
 
 	defrag *defragger // background rewrites of fragmented ranges
 
+	lastReclaim time.Time // owned by Flush (one caller at a time)
+
 	failed atomic.Pointer[error] // sticky: the map and journal disagree
 
 	seq struct {
@@ -209,9 +211,7 @@ func (p *Partition) Quiesce() { p.stopDefrag() }
 // Persist hands the extent map's pending updates to the metastore, so that
 // closing the metastore makes them durable and the next open replays less.
 func (p *Partition) Persist() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.m.Persist()
+	return p.m.Persist(&p.mu.Mutex)
 }
 
 // Close persists the extent map if the metastore is still open (nothing
