@@ -8,7 +8,9 @@
 // part of a torn tail (it held nothing ever reported durable). Records are appended to the newest
 // segment, the active one. Once the active segment holds Options.SegmentSize
 // bytes or more, the next Append first seals it and creates the next segment
-// (the directory is fsync'ed after every create or remove). Rotate seals on
+// (the directory is fsync'ed after every remove, and after a create by the
+// next Sync round, before it reports anything in the new segment durable).
+// Rotate seals on
 // demand. A sealed segment never changes again; Remove deletes it once the
 // engine no longer needs its records (their data lives elsewhere).
 //
@@ -107,8 +109,9 @@
 //     otherwise.
 //   - Sync: one fdatasync per unsynced segment per round (normally just the
 //     active one); none when nothing was appended since the last round.
-//   - Rotation: a file create and a directory fsync, inside the Append that
-//     crosses SegmentSize (or in Rotate).
+//   - Rotation: a file create and truncate (presize) inside the Append that
+//     crosses SegmentSize (or in Rotate); the directory fsync waits for the
+//     next Sync round, so no Append waits for one.
 //   - Every live segment keeps one open file descriptor.
 //   - Open reads and checks every record of every segment, and fsyncs each
 //     segment (cheap when clean).
