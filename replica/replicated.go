@@ -1,0 +1,995 @@
+package replica
+
+// This file is the driver that runs a Core over a real Partition: a
+// Replica, one replica of a replicated partition, primary or secondary.
+//
+// # Model
+//
+//	Deliver(m) --in (bounded, drops)--\
+//	Write/.../ReadAt --reqs-----------+--> run goroutine: Step / Tick --> Core
+//	ticker ---------------------------/            |
+//	                                         Ready, in the Core's order:
+//	  1. Hard          -> HardStore.Save (durable)
+//	  2. Snapshot      -> refused: never happens (see Snapshots)
+//	  3. TruncateFrom  -> Journal.TruncateFrom (durable cut)
+//	  4. Entries       -> journal notes with the entry's own epoch and opnum
+//	  5. Sync          -> journal fsync (group commit)
+//	  6. Committed     -> extent map, in opnum order (writes point at the notes)
+//	  7. Done          -> wake the client calls
+//	  8. Messages      -> Send (Append entries get their data from the journal)
+//	                     then Core.Advance
+//
+// One goroutine (run, started by OpenReplica, joined by Close) owns the
+// Core and everything in the "owned by run" part of Replica. Client calls
+// hand it a request and wait for its Completion; Deliver hands it a message
+// without blocking.
+//
+// # Rules
+//
+//   - The journal only ever holds notes in opnum order: every record is an
+//     entry of the Core's log, written with the entry's epoch and opnum
+//     (the partition assigns no opnum in replicated mode). Entries that a
+//     new primary's log replaced are cut with Journal.TruncateFrom before
+//     the replacements are appended. Ops with no journal kind of their own
+//     (noop, read, flush) are KindMeta records; every note's aux bytes
+//     carry its wire kind and request id (noteAux), so that a restart
+//     recovers the entries exactly.
+//   - The extent map only ever reflects the committed prefix: an entry is
+//     applied (Committed) only when the Core says it is committed, so the
+//     partition's applied opnum never passes the commit index, and the map
+//     never holds a note that a later epoch could replace.
+//   - A restarted replica comes back as a secondary (NewCore): its Storage
+//     is SnapIndex = the extent map's persisted applied opnum (committed by
+//     the rule above), Entries = the journal's records after it. Notes
+//     that were committed but not yet persisted in the map are notes again
+//     until the primary's commit index covers them; that is safe, since no
+//     primary's log can conflict with a committed op.
+//   - The partition must be opened with OpenReplicaPartition, which does
+//     not replay notes into the map (OpenPartition would apply every
+//     journal record, committed or not). While the partition is open its
+//     own mutators (Write, WriteZeroes, Trim, and Flush's relocation ops)
+//     refuse with ErrReplicated: ops go through the Replica.
+//   - No background Flush runs on a Replica's partition, and the caller
+//     must not start one: moving data to shards is a relocation op, which
+//     would need its own opnum in the replicated op stream. So the journal
+//     grows until that exists. Reads (Partition.ReadAt) are fine at any
+//     time and see the committed prefix.
+//   - The metastore's BeforeFlush hook must call SyncJournal, not
+//     Partition.Sync, while a Replica runs: a journal Sync must not overlap
+//     a TruncateFrom (see there), and SyncJournal takes the driver's lock.
+//
+// # Data and memory
+//
+// The Core keeps its whole log in memory (the driver does not Compact it:
+// a peer that needs compacted entries needs a snapshot). To keep that log
+// small, write entries hold no data inside the Core: a client's data waits
+// in pending until its note is written, an Append's data waits in stash
+// until Ready hands its entries back, and outgoing Appends get their data
+// from the notes just written (fresh) or from the journal (pos).
+//
+// # Snapshots
+//
+// Installing a snapshot (provisioning a replica from a peer's state) is
+// not supported yet. A Replica never sends one: a Snapshot message the
+// Core asks for is dropped and logged, and the peer that needs it stays
+// behind (out of the in-sync set, once the control plane drops it) until
+// provisioning exists. A Snapshot message that arrives is dropped before
+// Step, so the Core never hands one out and never believes it installed a
+// state the partition does not have. Without snapshots, a replica restarted
+// with SnapIndex = N cannot serve, as a primary, a peer whose log ends
+// before N.
+//
+// # Not yet
+//
+// Remote client requests (TypeRequest from a volume client) are dropped:
+// only the local API (Write, ReadAt, ...) feeds requests in. The request
+// ids of applied ops (Storage.Seen) are recovered from the journal's last
+// MaxSeen notes.
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/vfs"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/erasure"
+	"stor.dev/stor/metastore"
+	"stor.dev/stor/replica/journal"
+	"stor.dev/stor/replica/wire"
+)
+
+// Errors of a Replica.
+var (
+	// ErrReplicated: the partition's ops go through a Replica (its own
+	// mutators refuse), or OpenReplica got a partition that was not opened
+	// with OpenReplicaPartition.
+	ErrReplicated = errors.New("replica: partition is replicated: ops go through its Replica")
+	// ErrReplicaClosed: the Replica was closed before the op completed.
+	ErrReplicaClosed = errors.New("replica: replica closed")
+	// ErrSnapshotUnsupported: installing a snapshot is not supported yet.
+	ErrSnapshotUnsupported = errors.New("replica: snapshot install not supported")
+	// ErrReplicaFailed wraps the error that stopped a Replica (a journal,
+	// hard state or extent map failure): its Core can no longer be driven
+	// by the rules, so every later op fails. Reopen the partition.
+	ErrReplicaFailed = errors.New("replica: replica failed")
+)
+
+// Defaults of ReplicaConfig.
+const (
+	DefaultTick     = 10 * time.Millisecond
+	DefaultQueueLen = 1024
+)
+
+// HardStore persists a replica's HardState. Save must be durable when it
+// returns; Load returns the last state saved (the zero HardState if none).
+// Both are called only from the Replica's goroutine (Load from
+// OpenReplica).
+type HardStore struct {
+	Load func() (HardState, error)
+	Save func(HardState) error
+}
+
+// ReplicaConfig configures a Replica.
+type ReplicaConfig struct {
+	// Core configures the replication core; ID, Partition and Control are
+	// required.
+	Core CoreConfig
+	// Send sends a message (the transport). It must not block; it may
+	// drop. It is called from the Replica's goroutine, which gives up the
+	// message and its Data.
+	Send func(*wire.Msg)
+	// Tick is the interval of Core ticks; 0: DefaultTick.
+	Tick time.Duration
+	// Hard persists the hard state; zero: FileHardStore in the partition's
+	// journal directory.
+	Hard HardStore
+	// QueueLen bounds the inbound messages waiting for the goroutine
+	// (Deliver drops past it); 0: DefaultQueueLen.
+	QueueLen int
+	Logger   *slog.Logger
+}
+
+// ReplicaStatus is a Replica's state as of its goroutine's last loop.
+type ReplicaStatus struct {
+	Role    Role
+	Epoch   api.Epoch
+	Primary api.NodeID
+	Commit  api.OpNum // commit index
+	Applied api.OpNum // applied to the extent map
+	Last    api.OpNum // last entry of the log (notes included)
+	InSync  []api.NodeID
+	Dropped uint64 // inbound messages dropped (queue full)
+	Err     error  // the failure that stopped the Replica, if any
+}
+
+// request is one client call in flight.
+type request struct {
+	id   uint64
+	kind wire.Kind
+	off  int64
+	len  int64
+	data []byte          // write data
+	done chan Completion // buffered: run never blocks on it
+}
+
+// noteKey identifies a log entry.
+type noteKey struct {
+	epoch api.Epoch
+	op    api.OpNum
+}
+
+// Replica drives a Core over a Partition. See the comment at the top of
+// this file. The client methods and Deliver are safe for concurrent use.
+type Replica struct {
+	cfg  ReplicaConfig
+	p    *Partition
+	log  *slog.Logger
+	in   chan *wire.Msg
+	reqs chan *request
+	stop chan struct{}
+	done chan struct{} // closed when run returns
+	once sync.Once
+
+	reqBase atomic.Uint64 // request ids: a random base per Replica, counting up
+	dropped atomic.Uint64
+	status  atomic.Pointer[ReplicaStatus]
+	failed  atomic.Pointer[error]
+	active  *error // the ErrReplicated this Replica stored in the partition
+
+	// cutMu: TruncateFrom holds it, SyncJournal shares it.
+	cutMu sync.RWMutex
+
+	// Owned by run.
+	core    *Core
+	waiting map[uint64]*request
+	pending map[uint64][]byte    // write data by request id, until its note is written
+	stash   map[noteKey][]byte   // write data of received appends, until Ready hands them
+	fresh   map[api.OpNum][]byte // write data of the notes written in this Ready
+	base    api.OpNum            // opnum of pos[0]
+	pos     []journal.Pos        // journal position of every entry from base on
+	applied api.OpNum            // last op applied to the extent map
+	snapLog time.Time            // last time a dropped snapshot was logged
+	loopLog time.Time            // last time a Ready loop was logged
+	scratch []byte               // note aux
+}
+
+// idleGuard is what OpenReplicaPartition leaves in Partition.failed: its
+// mutators refuse, and OpenReplica knows the partition was opened for it.
+var idleGuard = fmt.Errorf("%w (no Replica open)", ErrReplicated)
+
+// OpenReplicaPartition opens partition pkey for a Replica. It is
+// OpenPartition without the replay: journal records after the extent map's
+// applied opnum are notes, left for OpenReplica to hand to the Core, not
+// applied. The partition's own mutators refuse with ErrReplicated.
+func OpenReplicaPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store erasure.ShardStore, o Options) (*Partition, error) {
+	if o.FS == nil {
+		o.FS = vfs.Default
+	}
+	if o.SegmentSize == 0 {
+		o.SegmentSize = 64 << 20
+	}
+	if o.JournalBudget == 0 {
+		o.JournalBudget = 1 << 30
+	}
+	if o.IdleFlush == 0 {
+		o.IdleFlush = 30 * time.Second
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	p := &Partition{pkey: pkey, meta: meta, store: store, opts: o}
+	p.log = o.Logger.With("partition", fmt.Sprintf("%016x", pkey))
+	p.mu.live = make(map[container]int64)
+	p.mu.shardSz = make(map[uint64]int64)
+	p.mu.deadAt = make(map[container]uint64)
+	guard := idleGuard
+	p.failed.Store(&guard)
+	j, err := journal.Open(o.FS, o.Dir, journal.Options{SegmentSize: o.SegmentSize, Logger: p.log})
+	if err != nil {
+		return nil, fmt.Errorf("replica: partition %016x: %w", pkey, err)
+	}
+	p.j = j
+	p.m, err = meta.OpenMap(pkey)
+	if err != nil {
+		j.Close()
+		return nil, err
+	}
+	applied := p.m.Applied()
+	if last := j.LastOpNum(); last < applied && last != 0 {
+		p.log.Error("extent map is ahead of the journal", "applied", applied, "journal", last)
+	}
+	p.seq.next = max(applied, j.LastOpNum()) + 1
+	p.mu.applied = applied
+	p.flushedOp.Store(applied)
+	all := p.m.Lookup(nil, 0, 1<<62)
+	for _, e := range all {
+		if e.Kind == metastore.KindData {
+			p.mu.live[container{e.Where, e.Container}] += e.Len
+		}
+	}
+	p.extents.Store(int64(len(all)))
+	shards, err := store.List(ctx, pkey)
+	if err != nil {
+		j.Close()
+		return nil, err
+	}
+	for _, s := range shards {
+		p.mu.nextSeq = max(p.mu.nextSeq, s.Seq+1)
+		c := container{metastore.InObject, s.Seq}
+		if p.mu.live[c] == 0 {
+			p.mu.deadAt[c] = applied
+		}
+	}
+	for _, s := range j.Segments() {
+		c := container{metastore.InJournal, s.ID}
+		if !s.Active && p.mu.live[c] == 0 {
+			p.mu.deadAt[c] = applied
+		}
+		if s.Active || p.mu.live[c] > 0 {
+			p.flushedOp.Store(min(p.flushedOp.Load(), s.FirstOp-1))
+		}
+	}
+	p.lastOpTime.Store(time.Now().UnixNano())
+	return p, nil
+}
+
+// OpenReplica starts driving partition p (opened with OpenReplicaPartition,
+// and not driven by another Replica) as a secondary: its Core is recovered
+// from the hard state and the journal (see the rules at the top of this
+// file). Close stops it; closing p is the caller's, after that.
+func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica, error) {
+	c := cfg.Core
+	if c.ID == "" || c.Control == "" || cfg.Send == nil {
+		return nil, fmt.Errorf("replica: OpenReplica needs Core.ID, Core.Control and Send")
+	}
+	if cfg.Tick <= 0 {
+		cfg.Tick = DefaultTick
+	}
+	if cfg.QueueLen <= 0 {
+		cfg.QueueLen = DefaultQueueLen
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.Hard.Load == nil || cfg.Hard.Save == nil {
+		cfg.Hard = FileHardStore(p.opts.FS, p.opts.Dir)
+	}
+	r := &Replica{cfg: cfg, p: p, in: make(chan *wire.Msg, cfg.QueueLen), reqs: make(chan *request),
+		stop: make(chan struct{}), done: make(chan struct{}),
+		waiting: make(map[uint64]*request), pending: make(map[uint64][]byte),
+		stash: make(map[noteKey][]byte), fresh: make(map[api.OpNum][]byte)}
+	r.log = cfg.Logger.With("replica", c.ID, "partition", c.Partition)
+	r.reqBase.Store(rand.Uint64())
+	active := fmt.Errorf("%w (Replica %s)", ErrReplicated, c.ID)
+	r.active = &active
+	cur := p.failed.Load()
+	if cur == nil || *cur != idleGuard || !p.failed.CompareAndSwap(cur, r.active) {
+		return nil, fmt.Errorf("%w: partition %016x was not opened with OpenReplicaPartition, or has a Replica",
+			ErrReplicated, p.pkey)
+	}
+	st, err := r.recover(ctx)
+	if err == nil {
+		st.Hard, err = cfg.Hard.Load()
+	}
+	if err != nil {
+		p.failed.CompareAndSwap(r.active, cur)
+		return nil, fmt.Errorf("replica: open replica %s of partition %016x: %w", c.ID, p.pkey, err)
+	}
+	r.core = NewCore(c, st)
+	r.publish()
+	r.log.Info("replica open", "epoch", st.Hard.Epoch, "applied", st.SnapIndex, "notes", len(st.Entries))
+	go r.run()
+	return r, nil
+}
+
+// recover builds the Core's Storage from the partition: the applied opnum
+// is the snapshot, the journal's records after it are the log.
+func (r *Replica) recover(ctx context.Context) (Storage, error) {
+	p := r.p
+	p.mu.Lock()
+	applied := api.OpNum(p.mu.applied)
+	p.mu.Unlock()
+	st := Storage{SnapIndex: applied, Seen: make(map[uint64]api.OpNum)}
+	r.base, r.applied = applied+1, applied
+	// The last MaxSeen ops before the snapshot give its request ids (opnums
+	// are dense) and its epoch.
+	from := api.OpNum(0)
+	if applied > MaxSeen {
+		from = applied - MaxSeen
+	}
+	foundSnap := applied == 0
+	err := p.j.Replay(uint64(from), func(rec *journal.Record, pos journal.Pos) error {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		e, err := entryOf(rec)
+		if err != nil {
+			return err
+		}
+		if e.OpNum <= applied {
+			if e.ReqID != 0 {
+				st.Seen[e.ReqID] = e.OpNum
+			}
+			if e.OpNum == applied {
+				st.SnapEpoch, foundSnap = e.Epoch, true
+			}
+			return nil
+		}
+		if want := applied + api.OpNum(len(st.Entries)) + 1; e.OpNum != want {
+			return fmt.Errorf("%w: journal note %d where %d was expected", journal.ErrCorrupt, e.OpNum, want)
+		}
+		st.Entries = append(st.Entries, e)
+		r.pos = append(r.pos, pos)
+		return nil
+	})
+	if err != nil {
+		return st, err
+	}
+	if !foundSnap {
+		// Only a journal from before replication (its segments reclaimed)
+		// lacks it; appends then need a snapshot at the first conflict.
+		r.log.Warn("journal lacks the applied op: its epoch is unknown", "applied", applied)
+	}
+	return st, nil
+}
+
+// noteAux is the aux payload of every note a Replica writes:
+//
+//	+-----------+----------------+-----------------------+
+//	| tag u8=2  | wire kind u8   | request id u64 (BE)   |
+//	+-----------+----------------+-----------------------+
+//
+// (tag 1 is the partition's relocation record.)
+const (
+	noteTag    = 2
+	noteAuxLen = 10
+)
+
+func appendNoteAux(b []byte, k wire.Kind, reqID uint64) []byte {
+	b = append(b, noteTag, byte(k))
+	return binary.BigEndian.AppendUint64(b, reqID)
+}
+
+// entryOf returns the log entry a journal record holds, without its data.
+// Records without note aux are ops of an unreplicated partition (epoch 1).
+func entryOf(rec *journal.Record) (wire.Entry, error) {
+	e := wire.Entry{Epoch: api.Epoch(rec.Epoch), OpNum: api.OpNum(rec.OpNum), Off: rec.Off, Len: rec.Len}
+	aux := rec.Aux
+	switch {
+	case len(aux) == noteAuxLen && aux[0] == noteTag:
+		e.Kind = wire.Kind(aux[1])
+		e.ReqID = binary.BigEndian.Uint64(aux[2:])
+	case len(aux) == 0 && rec.Kind == journal.KindWrite:
+		e.Kind = wire.KindWrite
+	case len(aux) == 0 && rec.Kind == journal.KindZero:
+		e.Kind = wire.KindZero
+	case len(aux) == 0 && rec.Kind == journal.KindTrim:
+		e.Kind = wire.KindTrim
+	default:
+		return e, fmt.Errorf("%w: op %d (%v) is not a replicated note", journal.ErrCorrupt, rec.OpNum, rec.Kind)
+	}
+	if jk, ok := journalKind(e.Kind); !ok || jk != rec.Kind {
+		return e, fmt.Errorf("%w: op %d: note of kind %v in a %v record", journal.ErrCorrupt, rec.OpNum, e.Kind, rec.Kind)
+	}
+	return e, nil
+}
+
+// journalKind is the journal record kind of an entry kind.
+func journalKind(k wire.Kind) (journal.Kind, bool) {
+	switch k {
+	case wire.KindWrite:
+		return journal.KindWrite, true
+	case wire.KindZero:
+		return journal.KindZero, true
+	case wire.KindTrim:
+		return journal.KindTrim, true
+	case wire.KindFlush, wire.KindRead, wire.KindNoop:
+		return journal.KindMeta, true
+	}
+	return 0, false
+}
+
+// Deliver hands the Replica a message from the transport. It never blocks:
+// past ReplicaConfig.QueueLen waiting messages it drops (the protocol
+// retransmits). The message and its Data become the Replica's.
+func (r *Replica) Deliver(m *wire.Msg) {
+	select {
+	case r.in <- m:
+	default:
+		r.dropped.Add(1)
+	}
+}
+
+// SyncJournal makes the partition's journal durable. Call it, not
+// Partition.Sync, from the metastore's BeforeFlush hook while the Replica
+// runs (it must not overlap a journal truncation).
+func (r *Replica) SyncJournal(ctx context.Context) error {
+	r.cutMu.RLock()
+	defer r.cutMu.RUnlock()
+	return r.p.Sync(ctx)
+}
+
+// Status returns the Replica's state as of its goroutine's last loop.
+func (r *Replica) Status() ReplicaStatus {
+	s := *r.status.Load()
+	s.Dropped = r.dropped.Load()
+	if err := r.failed.Load(); err != nil {
+		s.Err = *err
+	}
+	return s
+}
+
+// Err returns the failure that stopped the Replica, or nil.
+func (r *Replica) Err() error {
+	if err := r.failed.Load(); err != nil {
+		return *err
+	}
+	return nil
+}
+
+// Close stops the Replica's goroutine and fails the ops still waiting with
+// ErrReplicaClosed. The partition stays open (close it after). Ops that
+// were already noted or committed stay in the journal.
+func (r *Replica) Close() error {
+	r.once.Do(func() { close(r.stop) })
+	<-r.done
+	r.p.failed.CompareAndSwap(r.active, &idleGuard)
+	return nil
+}
+
+// Write writes data at off (bytes within the partition) once the write is
+// committed; with fua, it also waits for it to be durable on every in-sync
+// replica (a flush). data is copied.
+func (r *Replica) Write(ctx context.Context, data []byte, off int64, fua bool) error {
+	if _, err := r.do(ctx, wire.KindWrite, off, int64(len(data)), bytes.Clone(data)); err != nil {
+		return err
+	}
+	if fua {
+		return r.Flush(ctx)
+	}
+	return nil
+}
+
+// WriteZeroes makes [off, off+n) read as zeros.
+func (r *Replica) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
+	if _, err := r.do(ctx, wire.KindZero, off, n, nil); err != nil {
+		return err
+	}
+	if fua {
+		return r.Flush(ctx)
+	}
+	return nil
+}
+
+// Trim discards [off, off+n) (it reads as zeros after).
+func (r *Replica) Trim(ctx context.Context, off, n int64) error {
+	_, err := r.do(ctx, wire.KindTrim, off, n, nil)
+	return err
+}
+
+// Flush returns once every op completed before it is durable on this
+// replica and every in-sync peer.
+func (r *Replica) Flush(ctx context.Context) error {
+	_, err := r.do(ctx, wire.KindFlush, 0, 0, nil)
+	return err
+}
+
+// ReadAt fills buf from off with the partition's committed state as of a
+// read op that went through the log (so no later epoch had committed
+// anything when it did): linearizable.
+func (r *Replica) ReadAt(ctx context.Context, buf []byte, off int64) error {
+	if _, err := r.do(ctx, wire.KindRead, off, int64(len(buf)), nil); err != nil {
+		return err
+	}
+	return r.p.ReadAt(ctx, buf, off)
+}
+
+// do submits one request and waits for its completion. An error is ctx's,
+// ErrReplicaClosed, ErrReplicaFailed, or the Core's (ErrNotPrimary,
+// ErrStepDown), wrapped with the facts.
+func (r *Replica) do(ctx context.Context, kind wire.Kind, off, n int64, data []byte) (Completion, error) {
+	id := r.reqBase.Add(1)
+	if id == 0 {
+		id = r.reqBase.Add(1)
+	}
+	q := &request{id: id, kind: kind, off: off, len: n, data: data, done: make(chan Completion, 1)}
+	select {
+	case r.reqs <- q:
+	case <-ctx.Done():
+		return Completion{}, ctx.Err()
+	case <-r.done:
+		return Completion{}, r.closedErr()
+	}
+	select {
+	case c := <-q.done:
+		if c.Err != nil {
+			return c, fmt.Errorf("replica %s partition %d %s [%d,+%d): %w", r.cfg.Core.ID, r.cfg.Core.Partition, kind, off, n, c.Err)
+		}
+		return c, nil
+	case <-ctx.Done():
+		return Completion{}, ctx.Err() // the op may still complete
+	case <-r.done:
+		// run answered every waiter before it returned.
+		select {
+		case c := <-q.done:
+			if c.Err != nil {
+				return c, fmt.Errorf("replica %s partition %d %s [%d,+%d): %w", r.cfg.Core.ID, r.cfg.Core.Partition, kind, off, n, c.Err)
+			}
+			return c, nil
+		default:
+			return Completion{}, r.closedErr()
+		}
+	}
+}
+
+func (r *Replica) closedErr() error {
+	if err := r.Err(); err != nil {
+		return err
+	}
+	return ErrReplicaClosed
+}
+
+// run is the Replica's goroutine.
+func (r *Replica) run() {
+	defer close(r.done)
+	t := time.NewTicker(r.cfg.Tick)
+	defer t.Stop()
+	for {
+		more := true
+		select {
+		case <-r.stop:
+			r.shutdown()
+			return
+		case m := <-r.in:
+			more = r.step(m)
+		case q := <-r.reqs:
+			r.request(q)
+		case <-t.C:
+			if r.failed.Load() == nil {
+				r.core.Tick()
+			}
+			more = false
+		}
+		// Take what else is waiting, so that one Ready (one fsync) serves
+		// many ops. A Tick or a Promote ends the batch: each sets the
+		// Core's heartbeat flag, which only a primary's Ready clears, and a
+		// later message in the same batch could make it step down with the
+		// flag set — HasReady would then stay true for ever (the Core's
+		// stepDown does not clear it).
+		for i := 0; more && i < 256; i++ {
+			select {
+			case m := <-r.in:
+				more = r.step(m)
+			case q := <-r.reqs:
+				r.request(q)
+			default:
+				more = false
+			}
+		}
+		r.drain()
+	}
+}
+
+// maxReadyLoop bounds the Readies done in a row: a Core whose HasReady
+// never turns false must not keep run from Close and from new messages.
+const maxReadyLoop = 4096
+
+// drain does Readies while the Core has any.
+func (r *Replica) drain() {
+	for i := 0; r.failed.Load() == nil && r.core.HasReady(); i++ {
+		if i == maxReadyLoop {
+			if time.Since(r.loopLog) >= time.Second {
+				r.loopLog = time.Now()
+				r.log.Error("replica: the core keeps having Ready work; back to the event loop", "core", r.core.String())
+			}
+			break
+		}
+		if err := r.ready(); err != nil {
+			r.fail(err)
+		}
+	}
+	clear(r.stash)
+	r.publish()
+}
+
+func (r *Replica) publish() {
+	c := r.core
+	r.status.Store(&ReplicaStatus{Role: c.Role(), Epoch: c.Epoch(), Primary: c.Primary(), Commit: c.Commit(),
+		Applied: r.applied, Last: c.LastIndex(), InSync: c.InSync()})
+}
+
+// fail stops driving the Core: the partition may now disagree with it.
+func (r *Replica) fail(err error) {
+	err = fmt.Errorf("%w: %s partition %016x: %w", ErrReplicaFailed, r.cfg.Core.ID, r.p.pkey, err)
+	if !r.failed.CompareAndSwap(nil, &err) {
+		return
+	}
+	r.log.Error("replica failed; reopen the partition", "err", err)
+	r.p.failed.Store(&err)
+	for id, q := range r.waiting {
+		q.done <- Completion{ReqID: id, Kind: q.kind, Err: err}
+	}
+	clear(r.waiting)
+	clear(r.pending)
+}
+
+func (r *Replica) shutdown() {
+	for id, q := range r.waiting {
+		q.done <- Completion{ReqID: id, Kind: q.kind, Err: ErrReplicaClosed}
+	}
+	clear(r.waiting)
+	clear(r.pending)
+}
+
+// step feeds a message to the Core. It returns false after a Promote (see
+// run).
+func (r *Replica) step(m *wire.Msg) bool {
+	if r.failed.Load() != nil {
+		return true
+	}
+	switch m.Type {
+	case wire.TypeSnapshot:
+		r.logSnapshot("snapshot from the primary dropped", m)
+		return true
+	case wire.TypeRequest:
+		r.log.Debug("remote client request dropped: not supported yet", "from", m.From)
+		return true
+	case wire.TypeAppend:
+		for i := range m.Entries {
+			if e := &m.Entries[i]; e.Kind == wire.KindWrite {
+				r.stash[noteKey{e.Epoch, e.OpNum}] = e.Data
+				e.Data = nil
+			}
+		}
+	}
+	if err := r.core.Step(*m); err != nil {
+		r.log.Debug("message ignored", "msg", m.String(), "err", err)
+	}
+	return m.Type != wire.TypePromote
+}
+
+func (r *Replica) logSnapshot(what string, m *wire.Msg) {
+	if time.Since(r.snapLog) < time.Second {
+		return
+	}
+	r.snapLog = time.Now()
+	r.log.Error(what+": installing snapshots is not supported yet; the peer stays behind until it is provisioned",
+		"msg", m.String(), "err", ErrSnapshotUnsupported)
+}
+
+func (r *Replica) request(q *request) {
+	if err := r.failed.Load(); err != nil {
+		q.done <- Completion{ReqID: q.id, Kind: q.kind, Err: *err}
+		return
+	}
+	m := wire.Msg{Type: wire.TypeRequest, Kind: q.kind, Epoch: r.core.Epoch(), Partition: r.cfg.Core.Partition,
+		ReqID: q.id, From: r.cfg.Core.ID, To: r.cfg.Core.ID, Off: q.off, Len: q.len}
+	if q.kind == wire.KindWrite {
+		r.pending[q.id] = q.data
+	}
+	r.waiting[q.id] = q
+	if err := r.core.Step(m); err != nil {
+		panic(fmt.Sprintf("replica: local request refused: %v", err)) // our own partition and type
+	}
+}
+
+// ready does one Ready, in the order the Core's contract requires.
+func (r *Replica) ready() error {
+	rd := r.core.Ready()
+	if rd.Hard != nil {
+		if err := r.cfg.Hard.Save(*rd.Hard); err != nil {
+			return fmt.Errorf("save hard state: %w", err)
+		}
+	}
+	if rd.Snapshot != nil {
+		// Snapshot messages are dropped before Step; the Core cannot have
+		// one. Stop rather than pretend it was installed.
+		return fmt.Errorf("%w: at opnum %d", ErrSnapshotUnsupported, rd.Snapshot.Index)
+	}
+	if t := rd.TruncateFrom; t != 0 {
+		if err := r.truncate(t); err != nil {
+			return err
+		}
+	}
+	for i := range rd.Entries {
+		if err := r.note(&rd.Entries[i]); err != nil {
+			return err
+		}
+	}
+	if rd.Sync {
+		if err := r.p.j.Sync(context.Background()); err != nil {
+			return fmt.Errorf("journal sync: %w", err)
+		}
+	}
+	if len(rd.Committed) > 0 {
+		if err := r.apply(rd.Committed); err != nil {
+			return err
+		}
+	}
+	for _, c := range rd.Done {
+		delete(r.pending, c.ReqID)
+		if q := r.waiting[c.ReqID]; q != nil {
+			delete(r.waiting, c.ReqID)
+			q.done <- c
+		}
+	}
+	for i := range rd.Messages {
+		m := &rd.Messages[i]
+		switch m.Type {
+		case wire.TypeSnapshot:
+			r.logSnapshot("snapshot for a peer not sent", m)
+			continue
+		case wire.TypeAppend:
+			if err := r.fill(m); err != nil {
+				return err
+			}
+		}
+		r.cfg.Send(m)
+	}
+	clear(r.fresh)
+	r.core.Advance(rd)
+	return nil
+}
+
+// truncate drops the notes from opnum t on, durably.
+func (r *Replica) truncate(t api.OpNum) error {
+	if t <= r.applied {
+		panic(fmt.Sprintf("replica: %s truncating from %d, applied %d", r.cfg.Core.ID, t, r.applied))
+	}
+	r.cutMu.Lock()
+	err := r.p.j.TruncateFrom(uint64(t))
+	r.cutMu.Unlock()
+	if err != nil {
+		return fmt.Errorf("truncate journal from %d: %w", t, err)
+	}
+	if k := int(t - r.base); k < len(r.pos) {
+		r.pos = r.pos[:k]
+	}
+	r.p.seq.Lock()
+	r.p.seq.next = uint64(t)
+	r.p.seq.Unlock()
+	return nil
+}
+
+// note appends entry e to the journal as a note.
+func (r *Replica) note(e *wire.Entry) error {
+	if want := r.base + api.OpNum(len(r.pos)); e.OpNum != want {
+		panic(fmt.Sprintf("replica: %s noting opnum %d, journal ends before %d", r.cfg.Core.ID, e.OpNum, want))
+	}
+	jk, ok := journalKind(e.Kind)
+	if !ok {
+		return fmt.Errorf("op %d: entry of kind %v", e.OpNum, e.Kind)
+	}
+	r.scratch = appendNoteAux(r.scratch[:0], e.Kind, e.ReqID)
+	rec := journal.Record{Kind: jk, Epoch: uint64(e.Epoch), OpNum: uint64(e.OpNum), Off: e.Off, Len: e.Len, Aux: r.scratch}
+	if jk == journal.KindWrite {
+		data, ok := r.stash[noteKey{e.Epoch, e.OpNum}]
+		if !ok {
+			data, ok = r.pending[e.ReqID]
+		}
+		if !ok && e.Len > 0 {
+			panic(fmt.Sprintf("replica: %s has no data for write op %d (epoch %d, request %d)", r.cfg.Core.ID, e.OpNum, e.Epoch, e.ReqID))
+		}
+		if int64(len(data)) != e.Len {
+			return fmt.Errorf("op %d: write of %d bytes carries %d", e.OpNum, e.Len, len(data))
+		}
+		rec.Data = data
+		r.fresh[e.OpNum] = data
+		delete(r.pending, e.ReqID)
+	}
+	pos, err := r.p.j.Append(&rec)
+	if err != nil {
+		return fmt.Errorf("journal append op %d: %w", e.OpNum, err)
+	}
+	r.pos = append(r.pos, pos)
+	r.p.seq.Lock()
+	r.p.seq.next = uint64(e.OpNum) + 1
+	r.p.seq.Unlock()
+	return nil
+}
+
+// apply applies committed entries to the extent map, in order.
+func (r *Replica) apply(ents []wire.Entry) error {
+	p := r.p
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i := range ents {
+		e := &ents[i]
+		if e.OpNum != r.applied+1 || e.OpNum < r.base {
+			panic(fmt.Sprintf("replica: %s applying op %d after %d (journal from %d)", r.cfg.Core.ID, e.OpNum, r.applied, r.base))
+		}
+		var err error
+		switch e.Kind {
+		case wire.KindWrite, wire.KindZero, wire.KindTrim:
+			jk, _ := journalKind(e.Kind)
+			rec := journal.Record{Kind: jk, OpNum: uint64(e.OpNum), Off: e.Off, Len: e.Len}
+			err = p.applyLocked(&rec, r.pos[e.OpNum-r.base])
+		default:
+			// Nothing to map; the applied opnum still moves.
+			err = p.m.Update().Commit(uint64(e.OpNum))
+			if err == nil {
+				p.mu.applied = uint64(e.OpNum)
+			}
+		}
+		if err != nil {
+			return fmt.Errorf("apply op %d: %w", e.OpNum, err)
+		}
+		r.applied = e.OpNum
+	}
+	p.lastOpTime.Store(time.Now().UnixNano())
+	return nil
+}
+
+// fill gives the write entries of an outgoing Append their data: from the
+// notes of this Ready, or from the journal.
+func (r *Replica) fill(m *wire.Msg) error {
+	for i := range m.Entries {
+		e := &m.Entries[i] // the message's own copy of the entry
+		if e.Kind != wire.KindWrite || e.Len == 0 {
+			continue
+		}
+		if d, ok := r.fresh[e.OpNum]; ok {
+			e.Data = d
+			continue
+		}
+		d := make([]byte, e.Len)
+		if err := r.p.j.ReadAt(d, r.pos[e.OpNum-r.base]); err != nil {
+			return fmt.Errorf("read note %d for %s: %w", e.OpNum, m.To, err)
+		}
+		e.Data = d
+	}
+	return nil
+}
+
+// FileHardStore keeps a HardState in the file HARDSTATE of dir (the
+// partition's journal directory by default), replaced atomically:
+//
+//	+-------------+-----------+----------------+---------+---------------+
+//	| magic u32   | epoch u64 | primary len u8 | primary | crc32c u32    |
+//	| "HSTR"      |           |                | bytes   | of all before |
+//	+-------------+-----------+----------------+---------+---------------+
+//
+// (little-endian). Save writes HARDSTATE.tmp, fsyncs it, renames it over
+// HARDSTATE and fsyncs dir.
+func FileHardStore(fs vfs.FS, dir string) HardStore {
+	name := fs.PathJoin(dir, "HARDSTATE")
+	return HardStore{
+		Load: func() (HardState, error) { return loadHard(fs, name) },
+		Save: func(h HardState) error { return saveHard(fs, dir, name, h) },
+	}
+}
+
+const hardMagic = 0x52545348 // "HSTR" little-endian
+
+var errBadHard = errors.New("replica: bad hard state file")
+
+func loadHard(fs vfs.FS, name string) (HardState, error) {
+	f, err := fs.Open(name)
+	if errors.Is(err, os.ErrNotExist) {
+		return HardState{}, nil
+	}
+	if err != nil {
+		return HardState{}, fmt.Errorf("replica: open %s: %w", name, err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 1<<10))
+	if err != nil {
+		return HardState{}, fmt.Errorf("replica: read %s: %w", name, err)
+	}
+	if len(b) < 17 || binary.LittleEndian.Uint32(b) != hardMagic || int(b[12]) != len(b)-17 ||
+		crc32.Checksum(b[:len(b)-4], castagnoli) != binary.LittleEndian.Uint32(b[len(b)-4:]) {
+		return HardState{}, fmt.Errorf("%w: %s", errBadHard, name)
+	}
+	return HardState{Epoch: api.Epoch(binary.LittleEndian.Uint64(b[4:])), Primary: api.NodeID(b[13 : len(b)-4])}, nil
+}
+
+func saveHard(fs vfs.FS, dir, name string, h HardState) error {
+	if len(h.Primary) > 255 {
+		return fmt.Errorf("replica: node id %q too long", h.Primary)
+	}
+	b := binary.LittleEndian.AppendUint32(nil, hardMagic)
+	b = binary.LittleEndian.AppendUint64(b, uint64(h.Epoch))
+	b = append(b, byte(len(h.Primary)))
+	b = append(b, h.Primary...)
+	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	tmp := name + ".tmp"
+	f, err := fs.Create(tmp)
+	if err != nil {
+		return fmt.Errorf("replica: create %s: %w", tmp, err)
+	}
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = fs.Rename(tmp, name)
+	}
+	if err == nil {
+		var d vfs.File
+		if d, err = fs.OpenDir(dir); err == nil {
+			err = d.Sync()
+			d.Close()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("replica: save hard state in %s: %w", name, err)
+	}
+	return nil
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)

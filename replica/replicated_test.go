@@ -1,0 +1,669 @@
+package replica
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/vfs"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/erasure"
+	"stor.dev/stor/metastore"
+	"stor.dev/stor/replica/wire"
+)
+
+// The Replica tests run three real replicas (Pebble, local shard store and
+// journal on the in-memory FS) over an in-test router that can cut a node
+// off, and a fake control plane that promotes and grants.
+
+const ctlID api.NodeID = "ctl"
+
+// rnode is one replica's host: its disk and what runs on it.
+type rnode struct {
+	id    api.NodeID
+	fs    vfs.FS
+	mem   *vfs.MemFS // the same FS, when it models power loss (StrictMem)
+	meta  *metastore.DB
+	store *erasure.Local
+	p     atomic.Pointer[Partition]
+	rep   atomic.Pointer[Replica]
+}
+
+// rcluster is the nodes, the router and the control plane.
+type rcluster struct {
+	t     *testing.T
+	nodes []*rnode
+	ctl   *fakeControl
+	base  int // goroutines before the cluster
+
+	mu struct {
+		sync.Mutex
+		cut map[api.NodeID]bool
+	}
+}
+
+func newRCluster(t *testing.T, n int, strict bool) *rcluster {
+	t.Helper()
+	c := &rcluster{t: t, base: runtime.NumGoroutine()}
+	c.mu.cut = make(map[api.NodeID]bool)
+	c.ctl = &fakeControl{c: c, inSync: make(map[api.NodeID]bool)}
+	for i := range n {
+		nd := &rnode{id: api.NodeID(fmt.Sprintf("n%d", i+1))}
+		if strict {
+			nd.mem = vfs.NewStrictMem()
+		} else {
+			nd.mem = vfs.NewMem()
+		}
+		nd.fs = nd.mem
+		c.nodes = append(c.nodes, nd)
+		c.ctl.inSync[nd.id] = true
+		c.open(nd)
+	}
+	return c
+}
+
+func (c *rcluster) node(id api.NodeID) *rnode {
+	for _, nd := range c.nodes {
+		if nd.id == id {
+			return nd
+		}
+	}
+	c.t.Fatalf("no node %s", id)
+	return nil
+}
+
+func (c *rcluster) rep(id api.NodeID) *Replica { return c.node(id).rep.Load() }
+
+// open starts a node from its disk.
+func (c *rcluster) open(nd *rnode) {
+	t := c.t
+	t.Helper()
+	ctx := context.Background()
+	var err error
+	nd.meta, err = metastore.Open("meta", metastore.Options{FS: nd.fs, BeforeFlush: func() {
+		if r := nd.rep.Load(); r != nil {
+			r.SyncJournal(ctx)
+		} else if p := nd.p.Load(); p != nil {
+			p.Sync(ctx)
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nd.store, err = erasure.OpenLocal(nd.fs, "store"); err != nil {
+		t.Fatal(err)
+	}
+	quiet := slog.New(slog.DiscardHandler)
+	p, err := OpenReplicaPartition(ctx, metastore.PKey(1, 0), nd.meta, nd.store,
+		Options{FS: nd.fs, Dir: "journal", SegmentSize: 64 << 10, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd.p.Store(p)
+	r, err := OpenReplica(ctx, p, ReplicaConfig{
+		Core:   CoreConfig{ID: nd.id, Partition: 1, Control: ctlID, PeerTimeoutTicks: 10, RetryTicks: 3},
+		Send:   c.send,
+		Tick:   5 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)).With("node", nd.id),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd.rep.Store(r)
+}
+
+// stop closes a node; with powerLoss (StrictMem only) everything it did
+// not fsync is lost.
+func (c *rcluster) stop(nd *rnode, powerLoss bool) {
+	t := c.t
+	t.Helper()
+	if powerLoss {
+		nd.mem.SetIgnoreSyncs(true)
+	}
+	r := nd.rep.Load()
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	nd.rep.Store(nil)
+	p := nd.p.Load()
+	if err := p.Close(); err != nil && !powerLoss {
+		t.Fatal(err)
+	}
+	nd.p.Store(nil)
+	nd.meta.Close()
+	nd.store.Close()
+	if powerLoss {
+		nd.mem.ResetToSyncedState()
+		nd.mem.SetIgnoreSyncs(false)
+	}
+}
+
+// close stops every node and checks that no goroutine is left.
+func (c *rcluster) close() {
+	c.t.Helper()
+	for _, nd := range c.nodes {
+		if nd.rep.Load() != nil {
+			c.stop(nd, false)
+		}
+	}
+	waitUntil(c.t, "no goroutine left", func() bool { return runtime.NumGoroutine() <= c.base })
+}
+
+func (c *rcluster) setCut(id api.NodeID, cut bool) {
+	c.mu.Lock()
+	c.mu.cut[id] = cut
+	c.mu.Unlock()
+}
+
+// send is every replica's transport: it encodes and decodes each message
+// (no sharing of buffers, and the wire format on every hop) and delivers
+// it unless an end is cut off.
+func (c *rcluster) send(m *wire.Msg) {
+	c.mu.Lock()
+	drop := c.mu.cut[m.From] || c.mu.cut[m.To]
+	c.mu.Unlock()
+	if drop {
+		return
+	}
+	d, err := wire.Decode(wire.Encode(m))
+	if err != nil {
+		panic(fmt.Sprintf("wire round trip of %v: %v", m, err))
+	}
+	if d.To == ctlID {
+		c.ctl.handle(d)
+		return
+	}
+	for _, nd := range c.nodes {
+		if nd.id == d.To {
+			if r := nd.rep.Load(); r != nil {
+				r.Deliver(d)
+			}
+		}
+	}
+}
+
+// fakeControl is the control plane of the one partition: promotions,
+// grants for the in-sync set and solo blessings (as replicatest's).
+type fakeControl struct {
+	c  *rcluster
+	mu sync.Mutex
+	// Guarded by mu.
+	epoch   api.Epoch
+	primary api.NodeID
+	inSync  map[api.NodeID]bool
+	lastSeq uint64
+	hold    bool        // leave control requests unanswered
+	asked   []wire.Msg  // every control request received
+	granted []wire.Kind // kinds granted, in order
+}
+
+func (f *fakeControl) setHold(h bool) {
+	f.mu.Lock()
+	f.hold = h
+	f.mu.Unlock()
+}
+
+func (f *fakeControl) askedFor(kind wire.Kind, peer api.NodeID) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, m := range f.asked {
+		if m.Kind == kind && len(m.Peers) > 0 && m.Peers[0] == peer {
+			return true
+		}
+	}
+	return false
+}
+
+func (f *fakeControl) isInSync(id api.NodeID) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.inSync[id]
+}
+
+func (f *fakeControl) handle(m *wire.Msg) {
+	f.mu.Lock()
+	if m.Type != wire.TypeControl {
+		f.mu.Unlock()
+		return
+	}
+	f.asked = append(f.asked, *m)
+	if m.Epoch < f.epoch {
+		st := &wire.Msg{Type: wire.TypeStale, Epoch: f.epoch, Partition: 1, From: ctlID, To: m.From}
+		f.mu.Unlock()
+		f.c.send(st)
+		return
+	}
+	if f.hold || m.Epoch != f.epoch || m.From != f.primary || m.ReqID <= f.lastSeq {
+		f.mu.Unlock()
+		return
+	}
+	f.lastSeq = m.ReqID
+	g := &wire.Msg{Type: wire.TypeGrant, Epoch: f.epoch, Partition: 1, From: ctlID, To: m.From, Kind: m.Kind,
+		ReqID: m.ReqID, Peers: m.Peers}
+	switch m.Kind {
+	case wire.CtlDropPeer:
+		delete(f.inSync, m.Peers[0])
+	case wire.CtlInSync:
+		f.inSync[m.Peers[0]] = true
+	case wire.CtlBless:
+		if len(f.inSync) != 1 || !f.inSync[f.primary] {
+			g.Flags = wire.FlagReject
+		}
+	}
+	if g.Flags == 0 {
+		f.granted = append(f.granted, m.Kind)
+	}
+	f.mu.Unlock()
+	f.c.send(g)
+}
+
+// promote makes id primary at the next epoch, with in-sync peers as the
+// control plane records them (less any in out), and waits until it serves.
+func (c *rcluster) promote(id api.NodeID, out ...api.NodeID) api.Epoch {
+	c.t.Helper()
+	f := c.ctl
+	f.mu.Lock()
+	f.epoch++
+	f.primary = id
+	f.lastSeq = 0
+	for _, o := range out {
+		delete(f.inSync, o)
+	}
+	f.inSync[id] = true
+	m := wire.Msg{Type: wire.TypePromote, Epoch: f.epoch, Partition: 1, From: ctlID, To: id}
+	for _, nd := range c.nodes {
+		if nd.id != id {
+			m.Peers = append(m.Peers, nd.id)
+			b := byte(0)
+			if f.inSync[nd.id] {
+				b = 1
+			}
+			m.Data = append(m.Data, b)
+		}
+	}
+	epoch := f.epoch
+	f.mu.Unlock()
+	// Resend until it serves: a promotion may be dropped like any message.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c.send(&m)
+		until := time.Now().Add(50 * time.Millisecond)
+		for time.Now().Before(until) {
+			if s := c.rep(id).Status(); s.Role == RolePrimary && s.Epoch == epoch {
+				return epoch
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if time.Now().After(deadline) {
+			c.t.Fatalf("%s not primary at epoch %d: %+v", id, epoch, c.rep(id).Status())
+		}
+	}
+}
+
+// testWriter sends log lines to the test's log (shown on failure or -v).
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(string(bytes.TrimSuffix(b, []byte("\n"))))
+	return len(b), nil
+}
+
+// waitUntil polls cond until it holds, failing after 10 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// quiesce waits until every node in ids applied everything the primary
+// committed, and the primary committed its whole log.
+func (c *rcluster) quiesce(primary api.NodeID, ids ...api.NodeID) {
+	c.t.Helper()
+	waitUntil(c.t, fmt.Sprintf("%v caught up with %s", ids, primary), func() bool {
+		ps := c.rep(primary).Status()
+		if ps.Commit != ps.Last || ps.Applied != ps.Commit {
+			return false
+		}
+		for _, id := range ids {
+			if s := c.rep(id).Status(); s.Applied != ps.Commit || s.Last != ps.Last {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+const (
+	rbs     = 4096
+	rblocks = 32
+)
+
+// rmodel is the expected content: a fill byte per block (0 = zeros).
+type rmodel [rblocks]byte
+
+// checkPartition compares a node's partition (its committed state, read
+// directly) with m.
+func (c *rcluster) checkPartition(id api.NodeID, m *rmodel) {
+	c.t.Helper()
+	buf := make([]byte, rblocks*rbs)
+	if err := c.node(id).p.Load().ReadAt(context.Background(), buf, 0); err != nil {
+		c.t.Fatalf("%s: read: %v", id, err)
+	}
+	checkBlocks(c.t, string(id), buf, m)
+}
+
+func checkBlocks(t *testing.T, what string, buf []byte, m *rmodel) {
+	t.Helper()
+	for b := range rblocks {
+		if want := bytes.Repeat([]byte{m[b]}, rbs); !bytes.Equal(buf[b*rbs:(b+1)*rbs], want) {
+			t.Fatalf("%s: block %d = %x..., want %x", what, b, buf[b*rbs:b*rbs+4], m[b])
+		}
+	}
+}
+
+// writeBlocks writes fill to blocks [s, s+n) through r and the model.
+func writeBlocks(t *testing.T, r *Replica, m *rmodel, s, n int, fill byte) {
+	t.Helper()
+	if err := r.Write(context.Background(), bytes.Repeat([]byte{fill}, n*rbs), int64(s*rbs), false); err != nil {
+		t.Fatalf("write [%d,+%d) = %x: %v", s, n, fill, err)
+	}
+	for b := s; b < s+n; b++ {
+		m[b] = fill
+	}
+}
+
+// TestReplicaWritesCommitEverywhere: writes, zeroes and trims on the
+// primary (some concurrent) commit, read back through the primary, and
+// after quiescence every replica's partition holds the same bytes.
+func TestReplicaWritesCommitEverywhere(t *testing.T) {
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	c.promote("n1")
+	p := c.rep("n1")
+	ctx := context.Background()
+	rng := rand.New(rand.NewSource(1))
+	var m rmodel
+	for i := range 60 {
+		s := rng.Intn(rblocks)
+		n := 1 + rng.Intn(min(4, rblocks-s))
+		switch rng.Intn(6) {
+		case 0:
+			if err := p.WriteZeroes(ctx, int64(s*rbs), int64(n*rbs), i%10 == 0); err != nil {
+				t.Fatal(err)
+			}
+			for b := s; b < s+n; b++ {
+				m[b] = 0
+			}
+		case 1:
+			if err := p.Trim(ctx, int64(s*rbs), int64(n*rbs)); err != nil {
+				t.Fatal(err)
+			}
+			for b := s; b < s+n; b++ {
+				m[b] = 0
+			}
+		default:
+			writeBlocks(t, p, &m, s, n, byte(1+rng.Intn(255)))
+		}
+	}
+	// Concurrent writers on disjoint blocks.
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range 10 {
+				b := w*8 + k%8
+				fill := byte(16*w + k + 1)
+				if err := p.Write(ctx, bytes.Repeat([]byte{fill}, rbs), int64(b*rbs), k == 9); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	for w := range 4 {
+		for k := 2; k < 10; k++ {
+			m[w*8+k%8] = byte(16*w + k + 1)
+		}
+	}
+	buf := make([]byte, rblocks*rbs)
+	if err := p.ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	checkBlocks(t, "read through the primary", buf, &m)
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	c.quiesce("n1", "n2", "n3")
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.checkPartition(id, &m)
+	}
+	// A secondary refuses client ops.
+	if err := c.rep("n2").Write(ctx, make([]byte, rbs), 0, false); !errors.Is(err, ErrNotPrimary) {
+		t.Fatalf("write on a secondary: %v, want ErrNotPrimary", err)
+	}
+	if err := c.rep("n3").ReadAt(ctx, buf[:rbs], 0); !errors.Is(err, ErrNotPrimary) {
+		t.Fatalf("read on a secondary: %v, want ErrNotPrimary", err)
+	}
+	// Its own mutators refuse too: ops go through the Replica.
+	if err := c.node("n2").p.Load().Write(ctx, make([]byte, rbs), 0, false); !errors.Is(err, ErrReplicated) {
+		t.Fatalf("Partition.Write under a Replica: %v, want ErrReplicated", err)
+	}
+}
+
+// TestReplicaCutPeerWaitsForGrant: with a secondary cut off, a write does
+// not complete while the control plane has not granted dropping it (the
+// peer stays in the commit quorum); after the grant it completes, and the
+// peer, healed, catches up and is in sync again.
+func TestReplicaCutPeerWaitsForGrant(t *testing.T) {
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	c.promote("n1")
+	p := c.rep("n1")
+	ctx := context.Background()
+	var m rmodel
+	writeBlocks(t, p, &m, 0, 2, 0x11)
+	c.quiesce("n1", "n2", "n3")
+
+	c.ctl.setHold(true)
+	c.setCut("n3", true)
+	done := make(chan error, 1)
+	go func() {
+		done <- p.Write(ctx, bytes.Repeat([]byte{0x22}, rbs), 5*rbs, false)
+	}()
+	waitUntil(t, "n1 asks to drop n3", func() bool { return c.ctl.askedFor(wire.CtlDropPeer, "n3") })
+	// The drop is asked but not granted: n3 still counts, nothing commits.
+	select {
+	case err := <-done:
+		t.Fatalf("write completed (%v) before the control plane dropped the cut peer", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	if s := p.Status(); s.Commit >= s.Last || !slices.Contains(s.InSync, "n3") {
+		t.Fatalf("primary committed without the cut peer or its grant: %+v", s)
+	}
+	c.ctl.setHold(false)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	m[5] = 0x22
+	if c.ctl.isInSync("n3") {
+		t.Fatal("control plane still has n3 in sync")
+	}
+	c.quiesce("n1", "n2")
+	c.checkPartition("n2", &m)
+	var old rmodel
+	old[0], old[1] = 0x11, 0x11
+	c.checkPartition("n3", &old) // cut off: not there
+
+	c.setCut("n3", false)
+	writeBlocks(t, p, &m, 6, 1, 0x33)
+	c.quiesce("n1", "n2", "n3")
+	c.checkPartition("n3", &m)
+	waitUntil(t, "n3 in sync again", func() bool { return c.ctl.isInSync("n3") })
+}
+
+// TestReplicaFailover: the primary is cut off with a write pending; a
+// secondary is promoted at a higher epoch, has every acknowledged write
+// and serves; healed, the old primary fails its pending write with
+// ErrStepDown and new ones with ErrNotPrimary, drops its uncommitted note
+// (journal truncation) and converges to the new primary's state. In the
+// second run the old primary also restarts while cut off: it comes back
+// as a secondary with the note still a note (not in its extent map).
+func TestReplicaFailover(t *testing.T) {
+	for _, restart := range []bool{false, true} {
+		t.Run(fmt.Sprintf("restart=%v", restart), func(t *testing.T) { testFailover(t, restart) })
+	}
+}
+
+func testFailover(t *testing.T, restart bool) {
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	c.promote("n1")
+	old := c.rep("n1")
+	ctx := context.Background()
+	var m rmodel
+	for i := range 10 {
+		writeBlocks(t, old, &m, i, 1, byte(0x10+i))
+	}
+	c.setCut("n1", true)
+	pending := make(chan error, 1)
+	go func() {
+		pending <- old.Write(ctx, bytes.Repeat([]byte{0xee}, 4*rbs), 20*rbs, false)
+	}()
+	// Ops 1..11 are the noop and the ten writes; the pending write is 12.
+	waitUntil(t, "n1 notes the write", func() bool { s := old.Status(); return s.Last == 12 && s.Commit == 11 })
+	if restart {
+		c.stop(c.node("n1"), false)
+		if err := <-pending; !errors.Is(err, ErrReplicaClosed) {
+			t.Fatalf("pending write on a closed replica: %v, want ErrReplicaClosed", err)
+		}
+		c.open(c.node("n1"))
+		old = c.rep("n1")
+		s := old.Status()
+		if s.Role != RoleSecondary || s.Last <= s.Applied {
+			t.Fatalf("restarted old primary: %+v, want a secondary with a note past applied", s)
+		}
+		c.checkPartition("n1", &m) // the note is not in the map
+	}
+
+	c.promote("n2", "n1")
+	np := c.rep("n2")
+	buf := make([]byte, rblocks*rbs)
+	if err := np.ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	checkBlocks(t, "new primary after failover", buf, &m)
+	writeBlocks(t, np, &m, 10, 2, 0x55)
+
+	c.setCut("n1", false)
+	if !restart {
+		if err := <-pending; !errors.Is(err, ErrStepDown) {
+			t.Fatalf("old primary's pending write: %v, want ErrStepDown", err)
+		}
+	}
+	waitUntil(t, "n1 at epoch 2", func() bool { return old.Status().Epoch == 2 })
+	if err := old.Write(ctx, make([]byte, rbs), 0, false); !errors.Is(err, ErrNotPrimary) {
+		t.Fatalf("write on the old primary: %v, want ErrNotPrimary", err)
+	}
+	writeBlocks(t, np, &m, 12, 1, 0x66)
+	c.quiesce("n2", "n1", "n3")
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.checkPartition(id, &m) // block 20 was never committed: zeros
+	}
+	if a, b := c.node("n1").p.Load().j.LastOpNum(), c.node("n2").p.Load().j.LastOpNum(); a != b {
+		t.Fatalf("journals end at %d (old primary) and %d (new primary)", a, b)
+	}
+	waitUntil(t, "n1 in sync", func() bool { return c.ctl.isInSync("n1") })
+}
+
+// TestReplicaRestartCatchesUp: a secondary is stopped (cleanly, then once
+// more losing power), writes go on without it, and once reopened from its
+// disk it comes back as a secondary at its epoch and catches up.
+func TestReplicaRestartCatchesUp(t *testing.T) {
+	c := newRCluster(t, 3, true)
+	defer c.close()
+	c.promote("n1")
+	p := c.rep("n1")
+	var m rmodel
+	for i := range 8 {
+		writeBlocks(t, p, &m, i, 1, byte(0x20+i))
+	}
+	for _, powerLoss := range []bool{false, true} {
+		c.quiesce("n1", "n2", "n3")
+		n3 := c.node("n3")
+		c.stop(n3, powerLoss)
+		for i := range 8 {
+			writeBlocks(t, p, &m, 8+i, 1, byte(0x40+i))
+		}
+		c.open(n3)
+		if s := n3.rep.Load().Status(); s.Role != RoleSecondary || s.Epoch != 1 {
+			t.Fatalf("restarted n3: %+v, want a secondary at epoch 1", s)
+		}
+		writeBlocks(t, p, &m, 0, 1, 0x77)
+		c.quiesce("n1", "n2", "n3")
+		c.checkPartition("n3", &m)
+		waitUntil(t, "n3 in sync", func() bool { return c.ctl.isInSync("n3") })
+	}
+}
+
+// TestReplicaFlushSurvivesPowerLoss: a Flush completes only when the
+// writes before it are fsynced on every in-sync replica, so after every
+// node loses power and the control plane promotes another replica, all of
+// them are there.
+func TestReplicaFlushSurvivesPowerLoss(t *testing.T) {
+	c := newRCluster(t, 3, true)
+	defer c.close()
+	c.promote("n1")
+	p := c.rep("n1")
+	ctx := context.Background()
+	var m rmodel
+	for i := range 12 {
+		writeBlocks(t, p, &m, i, 1, byte(0x30+i))
+	}
+	if err := p.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	flushed := p.Status().Commit
+	for _, nd := range c.nodes {
+		if got := api.OpNum(nd.p.Load().j.SyncedOpNum()); got < flushed {
+			t.Errorf("%s: journal synced to %d after a flush at %d", nd.id, got, flushed)
+		}
+	}
+	for _, nd := range c.nodes {
+		c.stop(nd, true)
+	}
+	for _, nd := range c.nodes {
+		c.open(nd)
+	}
+	c.promote("n2")
+	buf := make([]byte, rblocks*rbs)
+	if err := c.rep("n2").ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	checkBlocks(t, "after power loss everywhere", buf, &m)
+	c.quiesce("n2", "n1", "n3")
+	for _, nd := range c.nodes {
+		c.checkPartition(nd.id, &m)
+	}
+}
