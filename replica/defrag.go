@@ -7,7 +7,7 @@ import (
 	"stor.dev/stor/metastore"
 )
 
-// Defragmentation on read.
+// Defragmentation on read (Options.DefragPieces; off by default).
 //
 // Small random writes leave a range's data scattered over many journal
 // records; a large read of it then costs one read call per piece. When a

@@ -23,7 +23,8 @@ type rig struct {
 }
 
 // openRig opens partition (1, 0) on fs with 64 KiB segments and a 256 KiB
-// journal budget, so background flushes move data; opts may change that.
+// journal budget, so background flushes move data, and defragmentation on
+// read on; opts may change that.
 func openRig(t *testing.T, fs vfs.FS, opts ...func(*Options)) *rig {
 	t.Helper()
 	r := &rig{t: t, fs: fs}
@@ -40,7 +41,7 @@ func openRig(t *testing.T, fs vfs.FS, opts ...func(*Options)) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	o := Options{FS: fs, Dir: "journal", SegmentSize: 64 << 10, JournalBudget: 256 << 10}
+	o := Options{FS: fs, Dir: "journal", SegmentSize: 64 << 10, JournalBudget: 256 << 10, DefragPieces: 8}
 	for _, f := range opts {
 		f(&o)
 	}
