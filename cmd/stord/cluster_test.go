@@ -195,7 +195,7 @@ func TestClusterFailover(t *testing.T) {
 
 	var v struct {
 		api.Volume
-		Placement []cluster.Partition `json:"placement"`
+		Placement []cluster.Partition `json:"partitions"`
 	}
 	c.mustJSON(3, &v, "volume", "create", "v1", "--size", "8M", "--partition-size", "4M", "--replicas", "3")
 	c.mustJSON(1, &v, "volume", "show", "v1")

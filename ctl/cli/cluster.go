@@ -279,7 +279,7 @@ func (a *app) printGrants(gs []cluster.Grant) error {
 // the placement of its partitions.
 type placedVolume struct {
 	api.Volume
-	Placement   []cluster.Partition `json:"placement,omitempty"`
+	Placement   []cluster.Partition `json:"partitions,omitempty"` // in LBA order
 	Replication string              `json:"replication,omitempty"`
 }
 

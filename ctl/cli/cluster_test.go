@@ -115,10 +115,11 @@ func TestClusterCommands(t *testing.T) {
 		})
 	}
 
-	// volume show -o json carries the placement next to the API's fields.
+	// volume show -o json carries the partitions (placement) next to the API's fields.
 	_, stdout, _ := e.storctl(t, "volume", "show", "v1", "-o", "json")
 	var pv placedVolume
-	if err := json.Unmarshal([]byte(stdout), &pv); err != nil || pv.Name != "v1" || len(pv.Placement) != 2 || len(pv.Placement[0].Members()) != 2 {
+	if err := json.Unmarshal([]byte(stdout), &pv); err != nil || pv.Name != "v1" || len(pv.Placement) != 2 || len(pv.Placement[0].Members()) != 2 ||
+		!strings.Contains(stdout, `"partitions": [`) || !strings.Contains(stdout, `"secondaries": [`) {
 		t.Errorf("volume show -o json: %v %+v\n%s", err, pv, stdout)
 	}
 
