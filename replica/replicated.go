@@ -22,7 +22,10 @@ package replica
 // One goroutine (run, started by OpenReplica, joined by Close) owns the
 // Core and everything in the "owned by run" part of Replica. Client calls
 // hand it a request and wait for its Completion; Deliver hands it a message
-// without blocking.
+// without blocking. A second goroutine (persist) commits the extent map's
+// pending updates to Pebble every PersistEvery applied ops and once a
+// second, off run's path (the partition's background flush does that for
+// an unreplicated partition).
 //
 // # Rules
 //
@@ -211,6 +214,14 @@ type Replica struct {
 	// cutMu: TruncateFrom holds it, SyncJournal shares it.
 	cutMu sync.RWMutex
 
+	// persistKick wakes the persister goroutine (persist), which commits
+	// the extent map's pending updates to Pebble off run's path, as the
+	// partition's background flush does for an unreplicated partition.
+	persistKick chan struct{}
+	persistDone chan struct{}
+	sinceKick   int       // applied since the last kick; owned by run
+	kicked      time.Time // last kick; owned by run
+
 	// Owned by run.
 	core    *Core
 	waiting map[uint64]*request
@@ -232,7 +243,9 @@ var idleGuard = fmt.Errorf("%w (no Replica open)", ErrReplicated)
 // OpenReplicaPartition opens partition pkey for a Replica. It is
 // OpenPartition without the replay: journal records after the extent map's
 // applied opnum are notes, left for OpenReplica to hand to the Core, not
-// applied. The partition's own mutators refuse with ErrReplicated.
+// applied. The partition's own mutators refuse with ErrReplicated, and it
+// starts no background work (Options.DefragPieces is ignored: a rewrite is
+// a relocation op).
 func OpenReplicaPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store erasure.ShardStore, o Options) (*Partition, error) {
 	if o.FS == nil {
 		o.FS = vfs.Default
@@ -249,6 +262,7 @@ func OpenReplicaPartition(ctx context.Context, pkey uint64, meta *metastore.DB, 
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	o.DefragPieces = 0
 	p := &Partition{pkey: pkey, meta: meta, store: store, opts: o}
 	p.log = o.Logger.With("partition", fmt.Sprintf("%016x", pkey))
 	p.mu.live = make(map[container]int64)
@@ -328,6 +342,7 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 	}
 	r := &Replica{cfg: cfg, p: p, in: make(chan *wire.Msg, cfg.QueueLen), reqs: make(chan *request),
 		stop: make(chan struct{}), done: make(chan struct{}),
+		persistKick: make(chan struct{}, 1), persistDone: make(chan struct{}),
 		waiting: make(map[uint64]*request), pending: make(map[uint64][]byte),
 		stash: make(map[noteKey][]byte), fresh: make(map[api.OpNum][]byte)}
 	r.log = cfg.Logger.With("replica", c.ID, "partition", c.Partition)
@@ -351,7 +366,38 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 	r.publish()
 	r.log.Info("replica open", "epoch", st.Hard.Epoch, "applied", st.SnapIndex, "notes", len(st.Entries))
 	go r.run()
+	go r.persist()
 	return r, nil
+}
+
+// PersistEvery is how many applied ops make a Replica persist its extent
+// map (also once a second when anything was applied).
+const PersistEvery = 1024
+
+// persist is the persister goroutine: it commits the map's pending updates
+// to Pebble when run kicks it, and a last time at Close. A Pebble commit
+// that waits for a memtable flush stalls only this goroutine.
+func (r *Replica) persist() {
+	defer close(r.persistDone)
+	for {
+		select {
+		case <-r.persistKick:
+		case <-r.done:
+			return // Partition.Close persists the rest
+		}
+		if err := r.p.Persist(); err != nil {
+			r.log.Warn("persist extent map", "err", err) // the journal has every op
+		}
+	}
+}
+
+// kickPersist wakes the persister without blocking.
+func (r *Replica) kickPersist() {
+	r.sinceKick, r.kicked = 0, time.Now()
+	select {
+	case r.persistKick <- struct{}{}:
+	default:
+	}
 }
 
 // recover builds the Core's Storage from the partition: the applied opnum
@@ -505,6 +551,7 @@ func (r *Replica) Err() error {
 func (r *Replica) Close() error {
 	r.once.Do(func() { close(r.stop) })
 	<-r.done
+	<-r.persistDone
 	r.p.failed.CompareAndSwap(r.active, &idleGuard)
 	return nil
 }
@@ -620,6 +667,9 @@ func (r *Replica) run() {
 			if r.failed.Load() == nil {
 				r.core.Tick()
 			}
+			if r.sinceKick > 0 && time.Since(r.kicked) >= time.Second {
+				r.kickPersist()
+			}
 			more = false
 		}
 		// Take what else is waiting, so that one Ready (one fsync) serves
@@ -661,6 +711,9 @@ func (r *Replica) drain() {
 		}
 	}
 	clear(r.stash)
+	if r.sinceKick >= PersistEvery {
+		r.kickPersist()
+	}
 	r.publish()
 }
 
@@ -887,6 +940,7 @@ func (r *Replica) apply(ents []wire.Entry) error {
 			return fmt.Errorf("apply op %d: %w", e.OpNum, err)
 		}
 		r.applied = e.OpNum
+		r.sinceKick++
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
 	return nil

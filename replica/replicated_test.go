@@ -459,6 +459,14 @@ func TestReplicaWritesCommitEverywhere(t *testing.T) {
 	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
 		c.checkPartition(id, &m)
 	}
+	waitUntil(t, "extent maps persisted", func() bool {
+		for _, nd := range c.nodes {
+			if api.OpNum(nd.p.Load().m.Persisted()) != nd.rep.Load().Status().Applied {
+				return false
+			}
+		}
+		return true
+	})
 	// A secondary refuses client ops.
 	if err := c.rep("n2").Write(ctx, make([]byte, rbs), 0, false); !errors.Is(err, ErrNotPrimary) {
 		t.Fatalf("write on a secondary: %v, want ErrNotPrimary", err)
@@ -665,5 +673,57 @@ func TestReplicaFlushSurvivesPowerLoss(t *testing.T) {
 	c.quiesce("n2", "n1", "n3")
 	for _, nd := range c.nodes {
 		c.checkPartition(nd.id, &m)
+	}
+}
+
+// TestReplicaDropsSnapshots: installing snapshots is not supported yet, so
+// a Snapshot message is dropped before the Core sees it; the replica goes
+// on working (it neither fails nor claims a state it does not have).
+func TestReplicaDropsSnapshots(t *testing.T) {
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	c.promote("n1")
+	var m rmodel
+	writeBlocks(t, c.rep("n1"), &m, 0, 1, 0x42)
+	c.quiesce("n1", "n2", "n3")
+	c.rep("n3").Deliver(&wire.Msg{Type: wire.TypeSnapshot, Epoch: 1, Partition: 1, From: "n1", To: "n3",
+		Index: 100, PrevEpoch: 1, Commit: 100, Data: []byte("state")})
+	writeBlocks(t, c.rep("n1"), &m, 1, 1, 0x43)
+	c.quiesce("n1", "n2", "n3")
+	if s := c.rep("n3").Status(); s.Err != nil || s.Applied >= 100 {
+		t.Fatalf("n3 after a snapshot message: %+v", s)
+	}
+	c.checkPartition("n3", &m)
+}
+
+// TestFileHardStore: a saved hard state loads back; none loads as zero; a
+// damaged file is an error, not a zero state.
+func TestFileHardStore(t *testing.T) {
+	fs := vfs.NewMem()
+	if err := fs.MkdirAll("d", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	hs := FileHardStore(fs, "d")
+	if h, err := hs.Load(); err != nil || h != (HardState{}) {
+		t.Fatalf("no file: %+v %v", h, err)
+	}
+	for _, want := range []HardState{{Epoch: 7, Primary: "n2"}, {Epoch: 8}} {
+		if err := hs.Save(want); err != nil {
+			t.Fatal(err)
+		}
+		if h, err := hs.Load(); err != nil || h != want {
+			t.Fatalf("load: %+v %v, want %+v", h, err, want)
+		}
+	}
+	f, err := fs.OpenReadWrite("d/HARDSTATE")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte{9}, 5); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := hs.Load(); !errors.Is(err, errBadHard) {
+		t.Fatalf("damaged file: %v, want errBadHard", err)
 	}
 }

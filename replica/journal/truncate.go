@@ -21,7 +21,8 @@ import (
 //   - Then S is cut at its first record >= op: truncated and fsync'ed, or,
 //     on a file system without truncate, its prefix is copied to a
 //     temporary file that is fsync'ed and renamed over it. A sealed S that
-//     keeps no record is removed instead.
+//     keeps no record is removed instead. An active S is presized again
+//     after the cut is durable (its zero tail is what Open expects).
 //
 // TruncateFrom runs as a round of the group commit: no Sync round runs
 // meanwhile, so none can report removed records, or records appended
@@ -131,6 +132,7 @@ func (j *Journal) truncateFrom(op uint64) (last uint64, changed bool, err error)
 		j.mu.segs[k] = ns
 		if cut == j.mu.active {
 			j.mu.active = ns
+			j.presize(ns.f) // a zero tail past the records, as Open expects
 		}
 		j.mu.unsynced = slices.DeleteFunc(j.mu.unsynced, func(s *segment) bool { return s == cut })
 		j.tab.Lock()
