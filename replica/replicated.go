@@ -82,12 +82,19 @@ package replica
 // with SnapIndex = N cannot serve, as a primary, a peer whose log ends
 // before N.
 //
+// Request ids: a Replica numbers its requests from a random 64-bit base,
+// so ids of different replicas do not meet in a Core's set of applied ids
+// (which a new primary inherits). At open, the ids of applied ops
+// (Storage.Seen) are recovered from the journal's last MaxSeen notes.
+//
 // # Not yet
 //
-// Remote client requests (TypeRequest from a volume client) are dropped:
-// only the local API (Write, ReadAt, ...) feeds requests in. The request
-// ids of applied ops (Storage.Seen) are recovered from the journal's last
-// MaxSeen notes.
+//   - Snapshot install and send (provisioning), see above.
+//   - Remote client requests (TypeRequest from a volume client) are
+//     dropped: only the local API (Write, ReadAt, ...) feeds requests in.
+//   - Relocation ops in the replicated stream, so no Flush to shards and
+//     no journal reclaim: the journal and the Core's in-memory log (one
+//     entry, without data, per op) grow with every op.
 
 import (
 	"bytes"
