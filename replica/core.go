@@ -457,6 +457,7 @@ func (c *Core) stepDown() {
 	c.waiters, c.peers, c.order, c.ctl, c.reqs, c.flushes = nil, nil, nil, nil, nil, nil
 	c.blessed = false
 	c.noop = 0
+	c.hbDue = false // a heartbeat is a primary's; left set, HasReady would stay true
 }
 
 func (c *Core) complete(w waiter, n api.OpNum, err error) {

@@ -35,6 +35,10 @@ func (j *Journal) syncTo(ctx context.Context, target uint64) error {
 			c.Unlock()
 			return err
 		}
+		if l := j.last.Load(); target > l {
+			// TruncateFrom cut the records past l: nothing more to wait for.
+			target = l
+		}
 		if c.synced >= target {
 			c.Unlock()
 			return nil
