@@ -118,6 +118,14 @@ type Partition struct {
 // OpenPartition opens (creating) partition pkey and recovers it: the journal
 // is replayed after the extent map's applied opnum.
 func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store erasure.ShardStore, o Options) (*Partition, error) {
+	return openPartition(ctx, pkey, meta, store, o, true)
+}
+
+// openPartition opens partition pkey. With replay, it applies the journal
+// records after the extent map's applied opnum (OpenPartition); without,
+// it leaves them as they are, for a Replica to decide which are committed
+// (OpenReplicaPartition).
+func openPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store erasure.ShardStore, o Options, replay bool) (*Partition, error) {
 	if o.FS == nil {
 		o.FS = vfs.Default
 	}
@@ -155,17 +163,22 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		p.log.Error("extent map is ahead of the journal", "applied", applied, "journal", last)
 	}
 	replayed := 0
-	err = j.Replay(applied, func(r *journal.Record, pos journal.Pos) error {
-		replayed++
-		return p.applyLocked(r, pos)
-	})
-	if err != nil {
-		j.Close()
-		return nil, fmt.Errorf("replica: partition %016x: replay: %w", pkey, err)
+	if replay {
+		err = j.Replay(applied, func(r *journal.Record, pos journal.Pos) error {
+			replayed++
+			return p.applyLocked(r, pos)
+		})
+		if err != nil {
+			j.Close()
+			return nil, fmt.Errorf("replica: partition %016x: replay: %w", pkey, err)
+		}
 	}
 	p.seq.next = max(applied, j.LastOpNum()) + 1
-	p.mu.applied = p.seq.next - 1
-	p.flushedOp.Store(p.seq.next - 1)
+	p.mu.applied = applied
+	if replay {
+		p.mu.applied = p.seq.next - 1
+	}
+	p.flushedOp.Store(p.mu.applied)
 	// Rebuild space accounting from the map.
 	all := p.m.Lookup(nil, 0, 1<<62)
 	for _, e := range all {
@@ -183,13 +196,13 @@ func OpenPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		p.mu.nextSeq = max(p.mu.nextSeq, s.Seq+1)
 		c := container{metastore.InObject, s.Seq}
 		if p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = p.seq.next - 1
+			p.mu.deadAt[c] = p.mu.applied
 		}
 	}
 	for _, s := range j.Segments() {
 		c := container{metastore.InJournal, s.ID}
 		if !s.Active && p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = p.seq.next - 1
+			p.mu.deadAt[c] = p.mu.applied
 		}
 		if s.Active || p.mu.live[c] > 0 {
 			p.flushedOp.Store(min(p.flushedOp.Load(), s.FirstOp-1))

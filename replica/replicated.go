@@ -254,75 +254,13 @@ var idleGuard = fmt.Errorf("%w (no Replica open)", ErrReplicated)
 // starts no background work (Options.DefragPieces is ignored: a rewrite is
 // a relocation op).
 func OpenReplicaPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store erasure.ShardStore, o Options) (*Partition, error) {
-	if o.FS == nil {
-		o.FS = vfs.Default
+	o.DefragPieces = 0 // its rewrites would be ops outside the replicated stream
+	p, err := openPartition(ctx, pkey, meta, store, o, false)
+	if err != nil {
+		return nil, err
 	}
-	if o.SegmentSize == 0 {
-		o.SegmentSize = 64 << 20
-	}
-	if o.JournalBudget == 0 {
-		o.JournalBudget = 1 << 30
-	}
-	if o.IdleFlush == 0 {
-		o.IdleFlush = 30 * time.Second
-	}
-	if o.Logger == nil {
-		o.Logger = slog.Default()
-	}
-	o.DefragPieces = 0
-	p := &Partition{pkey: pkey, meta: meta, store: store, opts: o}
-	p.log = o.Logger.With("partition", fmt.Sprintf("%016x", pkey))
-	p.mu.live = make(map[container]int64)
-	p.mu.shardSz = make(map[uint64]int64)
-	p.mu.deadAt = make(map[container]uint64)
 	guard := idleGuard
 	p.failed.Store(&guard)
-	j, err := journal.Open(o.FS, o.Dir, journal.Options{SegmentSize: o.SegmentSize, Logger: p.log})
-	if err != nil {
-		return nil, fmt.Errorf("replica: partition %016x: %w", pkey, err)
-	}
-	p.j = j
-	p.m, err = meta.OpenMap(pkey)
-	if err != nil {
-		j.Close()
-		return nil, err
-	}
-	applied := p.m.Applied()
-	if last := j.LastOpNum(); last < applied && last != 0 {
-		p.log.Error("extent map is ahead of the journal", "applied", applied, "journal", last)
-	}
-	p.seq.next = max(applied, j.LastOpNum()) + 1
-	p.mu.applied = applied
-	p.flushedOp.Store(applied)
-	all := p.m.Lookup(nil, 0, 1<<62)
-	for _, e := range all {
-		if e.Kind == metastore.KindData {
-			p.mu.live[container{e.Where, e.Container}] += e.Len
-		}
-	}
-	p.extents.Store(int64(len(all)))
-	shards, err := store.List(ctx, pkey)
-	if err != nil {
-		j.Close()
-		return nil, err
-	}
-	for _, s := range shards {
-		p.mu.nextSeq = max(p.mu.nextSeq, s.Seq+1)
-		c := container{metastore.InObject, s.Seq}
-		if p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = applied
-		}
-	}
-	for _, s := range j.Segments() {
-		c := container{metastore.InJournal, s.ID}
-		if !s.Active && p.mu.live[c] == 0 {
-			p.mu.deadAt[c] = applied
-		}
-		if s.Active || p.mu.live[c] > 0 {
-			p.flushedOp.Store(min(p.flushedOp.Load(), s.FirstOp-1))
-		}
-	}
-	p.lastOpTime.Store(time.Now().UnixNano())
 	return p, nil
 }
 
