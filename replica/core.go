@@ -99,6 +99,10 @@ var (
 	ErrStepDown = errors.New("replica: primary stepped down")
 )
 
+// maxAppendBytes bounds the write data of one Append (several entries; one
+// larger entry goes alone), well under wire.MaxBody.
+const maxAppendBytes = 16 << 20
+
 // Role of a replica.
 type Role uint8
 
@@ -981,6 +985,18 @@ func (c *Core) sendAppends() {
 		}
 		for p.next <= last && p.next <= p.match+api.OpNum(c.cfg.MaxInflight) && !p.probeSent {
 			hi := min(last, p.next+api.OpNum(c.cfg.MaxAppend)-1)
+			// Bound the frame too: write entries carry their data on the
+			// wire (the driver fills it in), and a frame over the wire's
+			// limit would be refused every time.
+			var bytes int64
+			for i := p.next; i <= hi; i++ {
+				if e := c.entry(i); e.Kind == wire.KindWrite {
+					if bytes += e.Len; bytes > maxAppendBytes && i > p.next {
+						hi = i - 1
+						break
+					}
+				}
+			}
 			t, _ := c.term(p.next - 1)
 			c.send(wire.Msg{Type: wire.TypeAppend, To: id, PrevOp: p.next - 1, PrevEpoch: t,
 				Entries: c.entries(p.next, hi), Commit: c.commit, Sync: sync})

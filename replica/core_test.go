@@ -195,3 +195,41 @@ func TestPromoteAdoptsUncommittedNotes(t *testing.T) {
 	}
 	check(t, cl)
 }
+
+// TestAppendBoundedInBytes: 40 pipelined 1 MiB writes leave the primary in
+// Appends of at most maxAppendBytes of write data each (a larger frame
+// would be refused by the wire every time), and every entry is sent.
+func TestAppendBoundedInBytes(t *testing.T) {
+	c := replica.NewCore(replica.CoreConfig{ID: "a", Partition: 1, Control: "ctl"}, replica.Storage{})
+	c.Step(wire.Msg{Type: wire.TypePromote, Epoch: 1, To: "a", From: "ctl", Partition: 1, Peers: []api.NodeID{"a", "b"}, Data: []byte{1, 1}})
+	for i := range 40 {
+		c.Step(wire.Msg{Type: wire.TypeRequest, Kind: wire.KindWrite, Epoch: 1, To: "a", From: "client", Partition: 1,
+			ReqID: uint64(100 + i), Off: int64(i) << 20, Len: 1 << 20})
+	}
+	sent := map[api.OpNum]bool{}
+	for range 10 {
+		if !c.HasReady() {
+			break
+		}
+		rd := c.Ready()
+		for _, m := range rd.Messages {
+			if m.Type != wire.TypeAppend || m.To != "b" {
+				continue
+			}
+			var bytes int64
+			for _, e := range m.Entries {
+				sent[e.OpNum] = true
+				if e.Kind == wire.KindWrite {
+					bytes += e.Len
+				}
+			}
+			if bytes > 16<<20 {
+				t.Fatalf("an Append carries %d bytes of writes", bytes)
+			}
+		}
+		c.Advance(rd)
+	}
+	if len(sent) != 41 { // the noop and 40 writes
+		t.Fatalf("%d entries sent to the peer, want 41", len(sent))
+	}
+}
