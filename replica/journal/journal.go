@@ -866,15 +866,26 @@ func (j *Journal) Remove(seg uint64) error {
 		j.mu.Unlock()
 		return fmt.Errorf("%w: cannot remove segment %016x", ErrActive, seg)
 	}
-	j.mu.segs = slices.Delete(j.mu.segs, i, i+1)
-	if k := slices.Index(j.mu.unsynced, s); k >= 0 {
-		j.mu.unsynced = slices.Delete(j.mu.unsynced, k, k+1)
-	}
-	j.tab.Lock()
-	delete(j.tab.m, seg)
-	j.tab.Unlock()
+	j.unlinkLocked(i)
 	j.mu.Unlock()
+	return j.deleteFile(s)
+}
 
+// unlinkLocked takes j.mu.segs[i] out of the segment tables: no new reader
+// finds it.
+// REQUIRES: j.mu
+func (j *Journal) unlinkLocked(i int) {
+	s := j.mu.segs[i]
+	j.mu.segs = slices.Delete(j.mu.segs, i, i+1)
+	j.mu.unsynced = slices.DeleteFunc(j.mu.unsynced, func(u *segment) bool { return u == s })
+	j.tab.Lock()
+	delete(j.tab.m, s.id)
+	j.tab.Unlock()
+}
+
+// deleteFile removes an unlinked segment's file durably (directory fsync)
+// and drops the table's reference; readers holding it finish first.
+func (j *Journal) deleteFile(s *segment) error {
 	err := j.fs.Remove(s.path)
 	if err != nil {
 		err = fmt.Errorf("journal: remove %s: %w", s.path, err)

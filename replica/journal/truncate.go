@@ -224,17 +224,6 @@ func (j *Journal) dropSegmentLocked(i int) error {
 	if s == j.mu.active {
 		panic("journal: dropping the active segment")
 	}
-	j.mu.segs = slices.Delete(j.mu.segs, i, i+1)
-	j.mu.unsynced = slices.DeleteFunc(j.mu.unsynced, func(u *segment) bool { return u == s })
-	j.tab.Lock()
-	delete(j.tab.m, s.id)
-	j.tab.Unlock()
-	err := j.fs.Remove(s.path)
-	if err != nil {
-		err = fmt.Errorf("journal: remove %s: %w", s.path, err)
-	} else if err = j.dirf.Sync(); err != nil {
-		err = fmt.Errorf("journal: fsync dir %s: %w", j.dir, err)
-	}
-	s.release()
-	return err
+	j.unlinkLocked(i)
+	return j.deleteFile(s)
 }
