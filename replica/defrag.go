@@ -1,10 +1,13 @@
 package replica
 
 import (
-	"context"
+	"fmt"
 	"sync"
+	"time"
 
 	"stor.dev/stor/metastore"
+	"stor.dev/stor/replica/journal"
+	"stor.dev/stor/target"
 )
 
 // Defragmentation on read (Options.DefragPieces; off by default).
@@ -13,17 +16,20 @@ import (
 // records; a large read of it then costs one read call per piece. When a
 // read of at least defragMinRead bytes finds at least Options.DefragPieces
 // pieces of data that cannot be read together, the partition copies what
-// it just read, and a background goroutine writes the pieces, in LBA order,
-// into a new shard and records the move as a relocation op (the same op a
-// flush records). A later read of the range finds the pieces side by side
-// in one shard and reads them in one call.
+// it just read, and a background goroutine writes each run of adjacent
+// pieces back as one journal record (rewrite): a later read of the range
+// finds it in one place and reads it in one call. The journal append is the
+// whole cost (no fsync: the rewrite carries data that is already where it
+// was, and the records it replaces stay until the rewrite is durable, by
+// the reclaim rules).
 //
 // Rules: the copied bytes are exactly the bytes of the extents the read
 // looked up (journal records and shards never change while a reader holds
-// p.gc), and the relocation moves an extent only if the map still holds it
-// unchanged (Update.Replace), so a write that lands meanwhile wins. The
-// queue is bounded (defragMaxQueued bytes); candidates beyond it, or for a
-// range already queued, are dropped. Close stops the goroutine and waits
+// p.gc), and a rewrite happens only if every piece it covers is still in
+// the map unchanged, checked with every earlier op applied and no later op
+// admitted (p.seq and p.mu held), so a write that lands meanwhile wins.
+// The queue is bounded (defragMaxQueued bytes); candidates beyond it, or for
+// a range already queued, are dropped. Close stops the goroutine and waits
 // for it.
 
 const (
@@ -131,46 +137,64 @@ func (d *defragger) run() {
 	}
 }
 
-// once packs queued jobs into one shard (up to maxShard bytes) and records
-// the moves. It reports whether it did anything.
+// once rewrites the oldest queued job. It reports whether to go on.
 func (d *defragger) once() bool {
 	d.mu.Lock()
-	var jobs []defragJob
-	size := 0
-	for len(d.mu.jobs) > 0 && (size == 0 || size+len(d.mu.jobs[0].data) <= maxShard) {
-		jobs = append(jobs, d.mu.jobs[0])
-		size += len(d.mu.jobs[0].data)
-		d.mu.jobs = d.mu.jobs[1:]
-	}
-	d.mu.Unlock()
-	if len(jobs) == 0 {
+	if len(d.mu.jobs) == 0 || d.mu.stopped {
+		d.mu.Unlock()
 		return false
 	}
-	var res FlushResult
-	b := &shardBuilder{p: d.p, res: &res}
-	ctx := context.Background()
-	var err error
-	for _, j := range jobs {
-		at := 0
-		for _, e := range j.pieces {
-			if err == nil {
-				err = b.add(ctx, e, j.data[at:at+int(e.Len)])
-			}
-			at += int(e.Len)
-		}
-	}
-	if err == nil {
-		err = b.finish(ctx)
-	}
-	if err != nil {
+	j := d.mu.jobs[0]
+	d.mu.jobs = d.mu.jobs[1:]
+	d.mu.Unlock()
+	if _, err := d.p.rewrite(j.pieces, j.data); err != nil {
 		d.p.log.Warn("defragmentation failed", "err", err)
 	}
 	d.mu.Lock()
-	for _, j := range jobs {
-		d.mu.bytes -= len(j.data)
-		delete(d.mu.pending, j.key)
-	}
-	stopped := d.mu.stopped
+	d.mu.bytes -= len(j.data)
+	delete(d.mu.pending, j.key)
 	d.mu.Unlock()
-	return !stopped
+	return true
+}
+
+// rewrite writes pieces (data extents in LBA order, their bytes back to
+// back in data) back as one journal record per run of adjacent pieces, if
+// the map still holds every piece unchanged. It reports whether it did.
+func (p *Partition) rewrite(pieces []metastore.Extent, data []byte) (bool, error) {
+	p.seq.Lock()
+	defer p.seq.Unlock()
+	p.mu.Lock() // every op before the next opnum is applied
+	defer p.mu.Unlock()
+	if err := p.failed.Load(); err != nil {
+		return false, *err
+	}
+	for _, e := range pieces {
+		if !p.m.Holds(e) {
+			return false, nil
+		}
+	}
+	at := 0
+	for i := 0; i < len(pieces); {
+		k := i + 1
+		for k < len(pieces) && pieces[k].Start == pieces[k-1].End() {
+			k++
+		}
+		n := int(pieces[k-1].End() - pieces[i].Start)
+		r := &journal.Record{Kind: journal.KindWrite, Off: pieces[i].Start, Len: int64(n), Data: data[at : at+n],
+			OpNum: p.seq.next, Epoch: 1}
+		pos, err := p.j.Append(r)
+		if err != nil {
+			return false, mapErr(fmt.Errorf("replica: partition %016x rewrite at op %d: %w", p.pkey, r.OpNum, err))
+		}
+		p.seq.next++
+		if err := p.applyLocked(r, pos); err != nil {
+			err = fmt.Errorf("%w: partition %016x failed at op %d: %v", target.ErrIO, p.pkey, r.OpNum, err)
+			p.failed.Store(&err)
+			return false, err
+		}
+		at += n
+		i = k
+	}
+	p.lastOpTime.Store(time.Now().UnixNano())
+	return true, nil
 }
