@@ -5,9 +5,10 @@ package replica
 //
 // # Model
 //
-//	Deliver(m) --in (bounded, drops)--\
-//	Write/.../ReadAt --reqs-----------+--> run goroutine: Step / Tick --> Core
-//	ticker ---------------------------/            |
+//	Deliver(m) --in (bounded, drops)--\     (replication, control, and
+//	Write/.../ReadAt --reqs-----------+-->  remote clients' Requests)
+//	ticker ---------------------------/    run goroutine: Step / Tick --> Core
+//	                                               |
 //	                                         Ready, in the Core's order:
 //	  1. Hard          -> HardStore.Save (durable)
 //	  2. Snapshot      -> refused: never happens (see Snapshots)
@@ -15,7 +16,8 @@ package replica
 //	  4. Entries       -> journal notes with the entry's own epoch and opnum
 //	  5. Sync          -> journal fsync (group commit)
 //	  6. Committed     -> extent map, in opnum order (writes point at the notes)
-//	  7. Done          -> wake the client calls
+//	  7. Done          -> wake the local client calls; Reply to remote ones
+//	                     (a read's data is read off run, see Remote clients)
 //	  8. Messages      -> Send (Append entries get their data from the journal)
 //	                     then Core.Advance
 //
@@ -25,7 +27,9 @@ package replica
 // without blocking. A second goroutine (persist) commits the extent map's
 // pending updates to Pebble every PersistEvery applied ops and once a
 // second, off run's path (the partition's background flush does that for
-// an unreplicated partition).
+// an unreplicated partition). Short-lived reader goroutines (at most
+// maxRemoteReaders) read the data of remote clients' reads and send their
+// Replies; Close joins them.
 //
 // # Rules
 //
@@ -87,11 +91,48 @@ package replica
 // (which a new primary inherits). At open, the ids of applied ops
 // (Storage.Seen) are recovered from the journal's last MaxSeen notes.
 //
+// # Remote clients
+//
+// A volume client on another node (Client, remote.go) sends wire Requests;
+// Deliver queues them with the replication messages and run steps them
+// into the Core, which numbers them like local calls (Core.stepRequest:
+// refused unless this replica is the primary at the Request's epoch;
+// deduplicated by request id). The rules:
+//
+//   - A request is checked before the Core sees it (checkRemote: an op
+//     kind, a non-empty range at a non-negative offset, at most
+//     wire.MaxData bytes for a read or write, write data of the stated
+//     length); a malformed one is answered RejectInvalid and never reaches
+//     the Core, so it can neither leak pending data nor fail the replica
+//     at apply.
+//   - A remote write's data waits in pending under its request id until its
+//     note is written, as a local write's does: the Core's log holds no
+//     data. A retry of an id whose data still waits leaves the first copy's
+//     there (the Core dedupes the retry, so the note is the first copy's,
+//     whatever the retry carries); every Completion of the id clears it.
+//   - A Completion answers a local call if its request id is a waiting
+//     local call's and its Client is this node; every other Completion
+//     gets a Reply to its Client: ReqID, Kind, Index = the op's opnum, and
+//     for a read Data = the partition's bytes read after the op was applied
+//     (as ReadAt does for a local call). Those reads run on reader
+//     goroutines (at most maxRemoteReaders; past that, on run itself), so
+//     that a large read does not stall replication; Close joins them.
+//   - A refused or failed op is a Reply with FlagReject, the RejectReason
+//     in Data[0], Epoch the replica's epoch, and Peers[0] the primary it
+//     knows of (perhaps itself: a request of another epoch), so that the
+//     client redirects at once. A Request that reaches a failed Replica is
+//     answered RejectUnavailable; ops a Replica held when it failed or
+//     closed are not answered (the client's attempt times out).
+//   - Replies go through ReplicaConfig.Send like every message; a lost one
+//     is the client's timeout and retry, which the request id makes
+//     idempotent.
+//
 // # Not yet
 //
 //   - Snapshot install and send (provisioning), see above.
-//   - Remote client requests (TypeRequest from a volume client) are
-//     dropped: only the local API (Write, ReadAt, ...) feeds requests in.
+//   - The range of a remote request is not checked against the partition's
+//     size (a Replica does not know it); the volume client routes by
+//     partition and stays inside it.
 //   - Relocation ops in the replicated stream, so no Flush to shards and
 //     no journal reclaim: the journal and the Core's in-memory log (one
 //     entry, without data, per op) grow with every op.
@@ -105,6 +146,7 @@ import (
 	"hash/crc32"
 	"io"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"os"
 	"sync"
@@ -134,7 +176,41 @@ var (
 	// hard state or extent map failure): its Core can no longer be driven
 	// by the rules, so every later op fails. Reopen the partition.
 	ErrReplicaFailed = errors.New("replica: replica failed")
+	// ErrInvalidRequest: a remote client's request is malformed
+	// (answered RejectInvalid).
+	ErrInvalidRequest = errors.New("replica: invalid request")
 )
+
+// RejectReason says why a replica refused a Request: a Reply with
+// wire.FlagReject carries it in Data[0].
+type RejectReason uint8
+
+// Reject reasons.
+const (
+	// RejectNotPrimary: the replica is not the primary of the Request's
+	// epoch (ErrNotPrimary). Retry on Peers[0] if given, at the Reply's
+	// epoch.
+	RejectNotPrimary RejectReason = 1 + iota
+	// RejectStepDown: the primary learned of a higher epoch with the op
+	// pending (ErrStepDown). Retry on the current primary.
+	RejectStepDown
+	// RejectUnavailable: the replica has failed or closed. Retry elsewhere.
+	RejectUnavailable
+	// RejectInvalid: the Request is malformed (ErrInvalidRequest); no
+	// replica will serve it.
+	RejectInvalid
+	// RejectIO: the primary committed a read but could not read the data.
+	RejectIO
+)
+
+var rejectNames = [...]string{"", "not-primary", "step-down", "unavailable", "invalid", "io"}
+
+func (r RejectReason) String() string {
+	if int(r) < len(rejectNames) && r != 0 {
+		return rejectNames[r]
+	}
+	return fmt.Sprintf("reject(%d)", uint8(r))
+}
 
 // Defaults of ReplicaConfig.
 const (
@@ -157,8 +233,9 @@ type ReplicaConfig struct {
 	// required.
 	Core CoreConfig
 	// Send sends a message (the transport). It must not block; it may
-	// drop. It is called from the Replica's goroutine, which gives up the
-	// message and its Data.
+	// drop. It is called from the Replica's goroutine and from the reader
+	// goroutines that answer remote reads (so it must be safe for
+	// concurrent use); the caller gives up the message and its Data.
 	Send func(*wire.Msg)
 	// Tick is the interval of Core ticks; 0: DefaultTick.
 	Tick time.Duration
@@ -229,6 +306,11 @@ type Replica struct {
 	sinceKick   int       // applied since the last kick; owned by run
 	kicked      time.Time // last kick; owned by run
 
+	// readers holds a token per reader goroutine answering a remote read;
+	// replies counts them for Close.
+	readers chan struct{}
+	replies sync.WaitGroup
+
 	// Owned by run.
 	core    *Core
 	waiting map[uint64]*request
@@ -288,6 +370,7 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 	r := &Replica{cfg: cfg, p: p, in: make(chan *wire.Msg, cfg.QueueLen), reqs: make(chan *request),
 		stop: make(chan struct{}), done: make(chan struct{}),
 		persistKick: make(chan struct{}, 1), persistDone: make(chan struct{}),
+		readers: make(chan struct{}, maxRemoteReaders),
 		waiting: make(map[uint64]*request), pending: make(map[uint64][]byte),
 		stash: make(map[noteKey][]byte), fresh: make(map[api.OpNum][]byte)}
 	r.log = cfg.Logger.With("replica", c.ID, "partition", c.Partition)
@@ -491,12 +574,14 @@ func (r *Replica) Err() error {
 }
 
 // Close stops the Replica's goroutine and fails the ops still waiting with
-// ErrReplicaClosed. The partition stays open (close it after). Ops that
-// were already noted or committed stay in the journal.
+// ErrReplicaClosed (remote clients' ops are not answered: their attempts
+// time out). The partition stays open (close it after). Ops that were
+// already noted or committed stay in the journal.
 func (r *Replica) Close() error {
 	r.once.Do(func() { close(r.stop) })
 	<-r.done
 	<-r.persistDone
+	r.replies.Wait()
 	r.p.failed.CompareAndSwap(r.active, &idleGuard)
 	return nil
 }
@@ -694,15 +779,16 @@ func (r *Replica) shutdown() {
 // step feeds a message to the Core. It returns false after a Promote (see
 // run).
 func (r *Replica) step(m *wire.Msg) bool {
+	if m.Type == wire.TypeRequest {
+		r.remoteRequest(m)
+		return true
+	}
 	if r.failed.Load() != nil {
 		return true
 	}
 	switch m.Type {
 	case wire.TypeSnapshot:
 		r.logSnapshot("snapshot from the primary dropped", m)
-		return true
-	case wire.TypeRequest:
-		r.log.Debug("remote client request dropped: not supported yet", "from", m.From)
 		return true
 	case wire.TypeAppend:
 		for i := range m.Entries {
@@ -716,6 +802,109 @@ func (r *Replica) step(m *wire.Msg) bool {
 		r.log.Debug("message ignored", "msg", m.String(), "err", err)
 	}
 	return m.Type != wire.TypePromote
+}
+
+// maxRemoteReaders bounds the reader goroutines answering remote reads.
+const maxRemoteReaders = 8
+
+// remoteRequest steps a remote client's Request into the Core (see Remote
+// clients at the top of this file).
+func (r *Replica) remoteRequest(m *wire.Msg) {
+	if m.From == "" || m.Partition != r.cfg.Core.Partition {
+		r.log.Debug("request dropped: no client or another partition", "msg", m.String())
+		return
+	}
+	if r.failed.Load() != nil {
+		r.reject(m.From, m.ReqID, m.Kind, RejectUnavailable)
+		return
+	}
+	if err := checkRemote(m); err != nil {
+		r.log.Debug("request refused", "msg", m.String(), "err", err)
+		r.reject(m.From, m.ReqID, m.Kind, RejectInvalid)
+		return
+	}
+	if _, ok := r.pending[m.ReqID]; !ok && m.Kind == wire.KindWrite {
+		r.pending[m.ReqID] = m.Data
+	}
+	m.Data = nil
+	if err := r.core.Step(*m); err != nil {
+		panic(fmt.Sprintf("replica: checked request refused: %v", err)) // our partition, a Request
+	}
+}
+
+// checkRemote checks what the Core and the extent map take on trust.
+func checkRemote(m *wire.Msg) error {
+	switch m.Kind {
+	case wire.KindFlush:
+		return nil
+	case wire.KindWrite, wire.KindZero, wire.KindTrim, wire.KindRead:
+	default:
+		return fmt.Errorf("%w: request of kind %v", ErrInvalidRequest, m.Kind)
+	}
+	if m.Off < 0 || m.Len <= 0 || m.Off > math.MaxInt64-m.Len ||
+		(m.Len > wire.MaxData && (m.Kind == wire.KindWrite || m.Kind == wire.KindRead)) {
+		return fmt.Errorf("%w: %v [%d,+%d)", ErrInvalidRequest, m.Kind, m.Off, m.Len)
+	}
+	if (m.Kind == wire.KindWrite) != (len(m.Data) > 0) || (m.Kind == wire.KindWrite && int64(len(m.Data)) != m.Len) {
+		return fmt.Errorf("%w: %v of %d bytes carries %d", ErrInvalidRequest, m.Kind, m.Len, len(m.Data))
+	}
+	return nil
+}
+
+// answer sends the Reply for a remote client's Completion.
+func (r *Replica) answer(c Completion) {
+	if c.Client == "" {
+		return
+	}
+	if c.Err != nil {
+		reason := RejectUnavailable
+		switch {
+		case errors.Is(c.Err, ErrNotPrimary):
+			reason = RejectNotPrimary
+		case errors.Is(c.Err, ErrStepDown):
+			reason = RejectStepDown
+		}
+		r.reject(c.Client, c.ReqID, c.Kind, reason)
+		return
+	}
+	m := &wire.Msg{Type: wire.TypeReply, Kind: c.Kind, Epoch: r.core.Epoch(), Partition: r.cfg.Core.Partition,
+		ReqID: c.ReqID, From: r.cfg.Core.ID, To: c.Client, Index: c.OpNum}
+	if c.Kind != wire.KindRead {
+		r.cfg.Send(m)
+		return
+	}
+	read := func() {
+		buf := make([]byte, c.Len)
+		if err := r.p.ReadAt(context.Background(), buf, c.Off); err != nil {
+			r.log.Warn("remote read failed", "client", c.Client, "op", c.OpNum, "off", c.Off, "len", c.Len, "err", err)
+			m.Flags, m.Index, m.Data = wire.FlagReject, 0, []byte{byte(RejectIO)}
+		} else {
+			m.Data = buf
+		}
+		r.cfg.Send(m)
+	}
+	select {
+	case r.readers <- struct{}{}:
+		r.replies.Add(1)
+		go func() {
+			defer r.replies.Done()
+			defer func() { <-r.readers }()
+			read()
+		}()
+	default:
+		read() // every reader busy: this one waits here (backpressure)
+	}
+}
+
+// reject sends a Reply with FlagReject and reason, hinting the primary this
+// replica knows of.
+func (r *Replica) reject(to api.NodeID, reqID uint64, kind wire.Kind, reason RejectReason) {
+	m := &wire.Msg{Type: wire.TypeReply, Flags: wire.FlagReject, Kind: kind, Epoch: r.core.Epoch(),
+		Partition: r.cfg.Core.Partition, ReqID: reqID, From: r.cfg.Core.ID, To: to, Data: []byte{byte(reason)}}
+	if p := r.core.Primary(); p != "" {
+		m.Peers = []api.NodeID{p}
+	}
+	r.cfg.Send(m)
 }
 
 func (r *Replica) logSnapshot(what string, m *wire.Msg) {
@@ -778,10 +967,12 @@ func (r *Replica) ready() error {
 	}
 	for _, c := range rd.Done {
 		delete(r.pending, c.ReqID)
-		if q := r.waiting[c.ReqID]; q != nil {
+		if q := r.waiting[c.ReqID]; q != nil && c.Client == r.cfg.Core.ID {
 			delete(r.waiting, c.ReqID)
 			q.done <- c
+			continue
 		}
+		r.answer(c)
 	}
 	for i := range rd.Messages {
 		m := &rd.Messages[i]

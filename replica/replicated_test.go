@@ -19,12 +19,15 @@ import (
 	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/erasure"
 	"stor.dev/stor/metastore"
+	"stor.dev/stor/replica/transport"
 	"stor.dev/stor/replica/wire"
 )
 
 // The Replica tests run three real replicas (Pebble, local shard store and
 // journal on the in-memory FS) over an in-test router that can cut a node
-// off, and a fake control plane that promotes and grants.
+// off, and a fake control plane that promotes and grants. The router
+// delivers to other endpoints too (remote clients), and can hand the
+// replicas' messages to real TCP transports instead (see remote_test.go).
 
 const ctlID api.NodeID = "ctl"
 
@@ -48,7 +51,9 @@ type rcluster struct {
 
 	mu struct {
 		sync.Mutex
-		cut map[api.NodeID]bool
+		cut  map[api.NodeID]bool
+		ends map[api.NodeID]func(*wire.Msg) // endpoints other than replicas and control
+		tcp  map[api.NodeID]*transport.TCP  // a node's transport, if on TCP
 	}
 }
 
@@ -56,6 +61,8 @@ func newRCluster(t *testing.T, n int, strict bool) *rcluster {
 	t.Helper()
 	c := &rcluster{t: t, base: runtime.NumGoroutine()}
 	c.mu.cut = make(map[api.NodeID]bool)
+	c.mu.ends = make(map[api.NodeID]func(*wire.Msg))
+	c.mu.tcp = make(map[api.NodeID]*transport.TCP)
 	c.ctl = &fakeControl{c: c, inSync: make(map[api.NodeID]bool)}
 	for i := range n {
 		nd := &rnode{id: api.NodeID(fmt.Sprintf("n%d", i+1))}
@@ -165,14 +172,27 @@ func (c *rcluster) setCut(id api.NodeID, cut bool) {
 	c.mu.Unlock()
 }
 
+// setEnd makes the router deliver messages to id (not a replica) to f.
+func (c *rcluster) setEnd(id api.NodeID, f func(*wire.Msg)) {
+	c.mu.Lock()
+	c.mu.ends[id] = f
+	c.mu.Unlock()
+}
+
 // send is every replica's transport: it encodes and decodes each message
 // (no sharing of buffers, and the wire format on every hop) and delivers
-// it unless an end is cut off.
+// it unless an end is cut off. A message from a node on TCP (other than to
+// the control plane) goes through that node's transport instead.
 func (c *rcluster) send(m *wire.Msg) {
 	c.mu.Lock()
 	drop := c.mu.cut[m.From] || c.mu.cut[m.To]
+	end, tcp := c.mu.ends[m.To], c.mu.tcp[m.From]
 	c.mu.Unlock()
 	if drop {
+		return
+	}
+	if tcp != nil && m.To != ctlID {
+		tcp.Send(m)
 		return
 	}
 	d, err := wire.Decode(wire.Encode(m))
@@ -181,6 +201,10 @@ func (c *rcluster) send(m *wire.Msg) {
 	}
 	if d.To == ctlID {
 		c.ctl.handle(d)
+		return
+	}
+	if end != nil {
+		end(d)
 		return
 	}
 	for _, nd := range c.nodes {
@@ -694,6 +718,107 @@ func TestReplicaDropsSnapshots(t *testing.T) {
 		t.Fatalf("n3 after a snapshot message: %+v", s)
 	}
 	c.checkPartition("n3", &m)
+}
+
+// replies collects the Replies the router delivers to a client endpoint.
+type replies struct{ ch chan *wire.Msg }
+
+func newReplies(c *rcluster, id api.NodeID) *replies {
+	r := &replies{ch: make(chan *wire.Msg, 64)}
+	c.setEnd(id, func(m *wire.Msg) { r.ch <- m })
+	return r
+}
+
+// next returns the next Reply to reqID, failing after 10 s.
+func (r *replies) next(t *testing.T, reqID uint64) *wire.Msg {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		select {
+		case m := <-r.ch:
+			if m.Type == wire.TypeReply && m.ReqID == reqID {
+				return m
+			}
+		case <-deadline:
+			t.Fatalf("no reply to request %d", reqID)
+		}
+	}
+}
+
+func wantReject(t *testing.T, m *wire.Msg, reason RejectReason, epoch api.Epoch, hint api.NodeID) {
+	t.Helper()
+	if !m.Reject() || len(m.Data) != 1 || RejectReason(m.Data[0]) != reason || m.Epoch != epoch {
+		t.Fatalf("reply %v data %v: want a %v reject at epoch %d", m, m.Data, reason, epoch)
+	}
+	if hint != "" && (len(m.Peers) != 1 || m.Peers[0] != hint) {
+		t.Fatalf("reply %v: want the hint %s", m, hint)
+	}
+}
+
+// TestReplicaRemoteRequests: a Replica answers a remote client's Requests:
+// a secondary and a primary asked at another epoch reject with the
+// primary's id and epoch; malformed requests are rejected before the Core
+// (the replica keeps working); a write is answered with its opnum, a retry
+// of it with the same opnum (not applied twice), and a read with the data.
+func TestReplicaRemoteRequests(t *testing.T) {
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	rs := newReplies(c, "c9")
+	epoch := c.promote("n1")
+	waitUntil(t, "n2 knows its primary", func() bool { return c.rep("n2").Status().Primary == "n1" })
+	data := bytes.Repeat([]byte{0xab}, 2*rbs)
+	req := func(to api.NodeID, id uint64, e api.Epoch, kind wire.Kind, off, n int64, d []byte) *wire.Msg {
+		t.Helper()
+		c.send(&wire.Msg{Type: wire.TypeRequest, Kind: kind, Epoch: e, Partition: 1, ReqID: id, From: "c9", To: to,
+			Off: off, Len: n, Data: d})
+		return rs.next(t, id)
+	}
+
+	wantReject(t, req("n2", 1, epoch, wire.KindWrite, 0, 2*rbs, data), RejectNotPrimary, epoch, "n1")
+	wantReject(t, req("n1", 2, epoch-1, wire.KindWrite, 0, 2*rbs, data), RejectNotPrimary, epoch, "n1")
+	for i, bad := range []wire.Msg{
+		{Kind: wire.KindWrite, Off: 0, Len: 0},
+		{Kind: wire.KindWrite, Off: 0, Len: rbs, Data: data},      // data of another length
+		{Kind: wire.KindZero, Off: 0, Len: rbs, Data: data[:rbs]}, // data on a zero
+		{Kind: wire.KindRead, Off: 1 << 62, Len: 1 << 62},         // overflows
+		{Kind: wire.KindRead, Off: 0, Len: wire.MaxData + 1},      // too large
+		{Kind: wire.KindNoop, Off: 0, Len: rbs},                   // not a client op
+		{Kind: wire.CtlBless, Off: 0, Len: rbs},                   // not an op
+		{Kind: wire.KindTrim, Off: 1 << 62, Len: 1 << 62},         // overflows (the wire's largest)
+	} {
+		id := uint64(100 + i)
+		wantReject(t, req("n1", id, epoch, bad.Kind, bad.Off, bad.Len, bad.Data), RejectInvalid, epoch, "n1")
+	}
+
+	w := req("n1", 3, epoch, wire.KindWrite, 4*rbs, 2*rbs, data)
+	if w.Reject() || w.Kind != wire.KindWrite || w.Index == 0 || w.From != "n1" || w.Epoch != epoch {
+		t.Fatalf("write reply %v", w)
+	}
+	again := req("n1", 3, epoch, wire.KindWrite, 4*rbs, 2*rbs, data)
+	if again.Reject() || again.Index != w.Index {
+		t.Fatalf("retried write: reply %v, want opnum %d", again, w.Index)
+	}
+	r := req("n1", 4, epoch, wire.KindRead, 3*rbs, 4*rbs, nil)
+	want := append(append(make([]byte, rbs), data...), make([]byte, rbs)...)
+	if r.Reject() || r.Index != w.Index+1 || !bytes.Equal(r.Data, want) {
+		t.Fatalf("read reply %v (after write %d): %d bytes, equal %v", r, w.Index, len(r.Data), bytes.Equal(r.Data, want))
+	}
+	f := req("n1", 5, epoch, wire.KindFlush, 0, 0, nil)
+	if f.Reject() || f.Index <= r.Index {
+		t.Fatalf("flush reply %v", f)
+	}
+	c.quiesce("n1", "n2", "n3")
+	var m rmodel
+	m[4], m[5] = 0xab, 0xab
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.checkPartition(id, &m)
+		if err := c.rep(id).Err(); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+	}
+	if s := c.rep("n1").Status(); s.Last != f.Index {
+		t.Fatalf("primary's log ends at %d, want %d: the retry or a refused request was logged", s.Last, f.Index)
+	}
 }
 
 // TestFileHardStore: a saved hard state loads back; none loads as zero; a
