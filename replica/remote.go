@@ -1,0 +1,391 @@
+package replica
+
+// This file is the volume client's side of one partition: Client sends a
+// caller's ops as wire Requests to the partition's primary and hides
+// failover from the caller by retrying them, under the same request id, on
+// whichever replica is primary.
+//
+// # Model
+//
+//	Write/WriteZeroes/Trim/Flush/ReadAt (caller's goroutine)
+//	   |  one request id per op (chunk), for every attempt
+//	   v
+//	attempt: Send(Request{To: target, Epoch: epoch, ReqID}) --> a replica
+//	   |                                                            |
+//	   |<-- calls[ReqID] <-- Deliver(Reply) <-- transport <---------+
+//	   v
+//	Reply ok: done. Reject or no Reply within AttemptTimeout: next attempt.
+//
+// The Client starts no goroutine: each call runs in its caller's goroutine
+// and waits on its own channel, which Deliver (called by the transport)
+// fills without blocking. A Client needs no Close.
+//
+// # Protocol (wire.TypeRequest / wire.TypeReply)
+//
+//	Request  From=Self To=target Epoch=believed epoch Partition ReqID
+//	         Kind Off Len, Data = write data
+//	Reply    From=replica To=Self Epoch=replica's epoch ReqID Kind
+//	         Index = the op's opnum, Data = read data          (accepted)
+//	         FlagReject, Data[0] = RejectReason,
+//	         Peers[0] = the primary the replica knows, if any  (refused)
+//
+// A replica serves a Request only as the primary of the Request's epoch
+// (see Core); it answers once the op is committed (a flush: durable on
+// every in-sync replica; a read: read after it was applied). Any other
+// replica, or a primary of another epoch, answers RejectNotPrimary with
+// its epoch and the primary it knows; a primary that learns of a higher
+// epoch with the op pending answers RejectStepDown.
+//
+// # Rules
+//
+//   - Idempotent retries. Every attempt of one op carries the same request
+//     id, so a replica applies it at most once (Core dedupes by request
+//     id, and a new primary inherits the ids of its log). Ids are unique
+//     per Client: a random 32-bit prefix, then a 32-bit counter.
+//   - Routing. The Client believes one (primary, epoch), learned from
+//     replies: an accepted Reply names its sender at its epoch; a Reject
+//     with a hint names Peers[0] at the Reply's epoch. A belief is replaced
+//     only by one of an equal or higher epoch. An attempt goes to the
+//     believed primary; when that gives nothing new (the same target and
+//     epoch as the attempt that failed, or a replica that timed out at an
+//     epoch no higher than the hint's), it goes to the next replica of
+//     Replicas in order, round the set.
+//   - Stall, not error. A Reject of kind NotPrimary, StepDown or
+//     Unavailable, and an attempt with no Reply within AttemptTimeout, are
+//     retried after a backoff (none for a redirect to a new primary or
+//     epoch; else Backoff, doubling to MaxRetryBackoff) until ctx ends:
+//     while some replica can become primary the caller waits, it never
+//     sees an error. The errors a caller sees are ctx's (the op may or may
+//     not have been applied), target.ErrInvalid for a request no replica
+//     would serve (RejectInvalid, or refused before sending),
+//     target.ErrIO for a read the primary could not read (RejectIO), and
+//     ErrBadReply.
+//   - Any accepted Reply for the op's request id ends the call, from any
+//     replica and any attempt: only a primary that committed the op
+//     accepts it. Rejects count only from the current attempt's target
+//     (an older attempt's late Reject still teaches the route).
+//   - Large ops are split into requests of at most MaxRequest bytes, each
+//     with its own id, one after the other; a split write is not atomic
+//     as a whole (each 4 KiB aligned block of it is).
+//   - Send must not block and may drop; it must be done with the message
+//     and its Data (the caller's buffer, sent again by a retry) when it
+//     returns, as transport.TCP.Send is. Deliver never blocks.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"stor.dev/stor/ctl/api"
+	"stor.dev/stor/replica/wire"
+	"stor.dev/stor/target"
+)
+
+// ErrBadReply: a Reply that does not answer its Request (a read's data of
+// the wrong length, another op kind).
+var ErrBadReply = errors.New("replica: bad reply")
+
+// Defaults of ClientConfig, and limits.
+const (
+	DefaultAttemptTimeout = 2 * time.Second
+	DefaultRetryBackoff   = 5 * time.Millisecond
+	MaxRetryBackoff       = 200 * time.Millisecond
+	// MaxRequest is the most bytes one Request reads or writes; a Client
+	// splits larger calls. (A Replica refuses reads and writes past
+	// wire.MaxData.)
+	MaxRequest = 4 << 20
+)
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	Self      api.NodeID // this node: Requests' From, Replies' To
+	Partition api.PartitionID
+	// Replicas of the partition, in the order to try them when the
+	// primary is unknown; the first is the primary believed at start.
+	Replicas []api.NodeID
+	// Send sends a message (the transport): see the rules in the file doc.
+	Send func(*wire.Msg)
+	// AttemptTimeout: an attempt with no Reply for this long is retried;
+	// 0: DefaultAttemptTimeout.
+	AttemptTimeout time.Duration
+	// Backoff is the first wait before a retry that is not a redirect; it
+	// doubles up to MaxRetryBackoff. 0: DefaultRetryBackoff.
+	Backoff time.Duration
+	Logger  *slog.Logger // nil: discard
+}
+
+// ClientStats are a Client's counters since NewClient.
+type ClientStats struct {
+	Requests uint64 // requests (ops, or chunks of a split op) started
+	Attempts uint64 // Requests sent (every attempt)
+	Rejects  uint64 // Rejects from an attempt's target
+	Timeouts uint64 // attempts that got no Reply in time
+}
+
+// Client is a volume client's handle on one partition's replica set. See
+// the comment at the top of this file. Safe for concurrent use.
+type Client struct {
+	cfg    ClientConfig
+	log    *slog.Logger
+	prefix uint64        // random, nonzero, in the high 32 bits
+	seq    atomic.Uint32 // low 32 bits of request ids
+
+	requests, attempts, rejects, timeouts atomic.Uint64
+
+	mu struct {
+		sync.Mutex
+		primary api.NodeID // believed primary ("" unknown)
+		epoch   api.Epoch  // its epoch
+		calls   map[uint64]chan *wire.Msg
+	}
+}
+
+// replyBuffer is the Replies one call can hold before Deliver drops: more
+// arrive only from duplicate attempts, and a dropped one is retried.
+const replyBuffer = 4
+
+// NewClient returns a Client for a partition's replica set.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	if cfg.Self == "" || len(cfg.Replicas) == 0 || cfg.Send == nil {
+		return nil, fmt.Errorf("replica: NewClient needs Self, Replicas and Send")
+	}
+	if slices.Contains(cfg.Replicas, "") {
+		return nil, fmt.Errorf("replica: NewClient: an empty replica id in %v", cfg.Replicas)
+	}
+	cfg.Replicas = slices.Clone(cfg.Replicas)
+	if cfg.AttemptTimeout <= 0 {
+		cfg.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if cfg.Backoff <= 0 {
+		cfg.Backoff = DefaultRetryBackoff
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	c := &Client{cfg: cfg, log: cfg.Logger.With("client", cfg.Self, "partition", cfg.Partition)}
+	c.prefix = uint64(max(rand.Uint32(), 1)) << 32
+	c.mu.primary = cfg.Replicas[0]
+	c.mu.calls = make(map[uint64]chan *wire.Msg)
+	return c, nil
+}
+
+// Route returns the primary the Client believes in and its epoch (0 until a
+// replica told it).
+func (c *Client) Route() (api.NodeID, api.Epoch) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.mu.primary, c.mu.epoch
+}
+
+// Stats returns the counters.
+func (c *Client) Stats() ClientStats {
+	return ClientStats{Requests: c.requests.Load(), Attempts: c.attempts.Load(), Rejects: c.rejects.Load(),
+		Timeouts: c.timeouts.Load()}
+}
+
+// Deliver hands the Client a message from the transport: a Reply to one of
+// its calls (anything else is ignored). It never blocks; the message
+// becomes the Client's.
+func (c *Client) Deliver(m *wire.Msg) {
+	if m.Type != wire.TypeReply || m.Partition != c.cfg.Partition || m.From == "" {
+		return
+	}
+	c.mu.Lock()
+	c.learnLocked(m)
+	ch := c.mu.calls[m.ReqID]
+	c.mu.Unlock()
+	if ch == nil {
+		return // a late or duplicate Reply
+	}
+	select {
+	case ch <- m:
+	default:
+	}
+}
+
+// learnLocked updates the believed route from a Reply.
+// REQUIRES: c.mu
+func (c *Client) learnLocked(m *wire.Msg) {
+	p := m.From
+	if m.Reject() {
+		p = ""
+		if len(m.Peers) > 0 {
+			p = m.Peers[0]
+		}
+	}
+	switch {
+	case m.Epoch < c.mu.epoch:
+	case p != "":
+		c.mu.primary, c.mu.epoch = p, m.Epoch
+	case m.Epoch > c.mu.epoch:
+		c.mu.primary, c.mu.epoch = "", m.Epoch // a newer epoch whose primary is unknown here
+	}
+}
+
+// Write writes data at off (bytes within the partition); with fua it then
+// flushes. An empty write does nothing.
+func (c *Client) Write(ctx context.Context, data []byte, off int64, fua bool) error {
+	for len(data) > 0 {
+		n := min(len(data), MaxRequest)
+		if _, err := c.do(ctx, wire.KindWrite, off, int64(n), data[:n]); err != nil {
+			return err
+		}
+		data, off = data[n:], off+int64(n)
+	}
+	if fua {
+		return c.Flush(ctx)
+	}
+	return nil
+}
+
+// WriteZeroes makes [off, off+n) read as zeros; with fua it then flushes.
+func (c *Client) WriteZeroes(ctx context.Context, off, n int64, fua bool) error {
+	if n > 0 {
+		if _, err := c.do(ctx, wire.KindZero, off, n, nil); err != nil {
+			return err
+		}
+	}
+	if fua {
+		return c.Flush(ctx)
+	}
+	return nil
+}
+
+// Trim discards [off, off+n) (it reads as zeros after).
+func (c *Client) Trim(ctx context.Context, off, n int64) error {
+	if n <= 0 {
+		return nil
+	}
+	_, err := c.do(ctx, wire.KindTrim, off, n, nil)
+	return err
+}
+
+// Flush returns once every op acknowledged before it is durable on every
+// in-sync replica.
+func (c *Client) Flush(ctx context.Context) error {
+	_, err := c.do(ctx, wire.KindFlush, 0, 0, nil)
+	return err
+}
+
+// ReadAt fills buf from off with the partition's committed state, read by
+// the primary after a read op went through its log (linearizable).
+func (c *Client) ReadAt(ctx context.Context, buf []byte, off int64) error {
+	for len(buf) > 0 {
+		n := min(len(buf), MaxRequest)
+		m, err := c.do(ctx, wire.KindRead, off, int64(n), nil)
+		if err != nil {
+			return err
+		}
+		if len(m.Data) != n {
+			return fmt.Errorf("%w: read [%d,+%d) from %s returned %d bytes", ErrBadReply, off, n, m.From, len(m.Data))
+		}
+		copy(buf, m.Data)
+		buf, off = buf[n:], off+int64(n)
+	}
+	return nil
+}
+
+// do runs one Request to completion: it returns the accepted Reply, or an
+// error (see the rules in the file doc).
+func (c *Client) do(ctx context.Context, kind wire.Kind, off, n int64, data []byte) (*wire.Msg, error) {
+	id := c.prefix | uint64(c.seq.Add(1))
+	if off < 0 || (kind != wire.KindFlush && n <= 0) {
+		return nil, fmt.Errorf("%w: %s [%d,+%d)", target.ErrInvalid, kind, off, n)
+	}
+	c.requests.Add(1)
+	ch := make(chan *wire.Msg, replyBuffer)
+	c.mu.Lock()
+	c.mu.calls[id] = ch
+	to, epoch := c.mu.primary, c.mu.epoch
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.mu.calls, id)
+		c.mu.Unlock()
+	}()
+	fail := func(err error) error {
+		return fmt.Errorf("replica: client %s partition %d %s [%d,+%d) request %016x: %w",
+			c.cfg.Self, c.cfg.Partition, kind, off, n, id, err)
+	}
+	if to == "" {
+		to = c.cfg.Replicas[0]
+	}
+	var (
+		timer     = time.NewTimer(c.cfg.AttemptTimeout)
+		backoff   = c.cfg.Backoff
+		dead      api.NodeID // the last target that timed out
+		deadEpoch api.Epoch  // at this epoch
+	)
+	defer timer.Stop()
+	for {
+		c.attempts.Add(1)
+		c.cfg.Send(&wire.Msg{Type: wire.TypeRequest, Kind: kind, Epoch: epoch, Partition: c.cfg.Partition,
+			ReqID: id, From: c.cfg.Self, To: to, Off: off, Len: n, Data: data})
+		timer.Reset(c.cfg.AttemptTimeout)
+	wait:
+		for {
+			select {
+			case m := <-ch:
+				if !m.Reject() {
+					if m.Kind != kind {
+						return nil, fail(fmt.Errorf("%w: a %s reply from %s", ErrBadReply, m.Kind, m.From))
+					}
+					return m, nil
+				}
+				if m.From != to {
+					continue // an older attempt's
+				}
+				c.rejects.Add(1)
+				var reason RejectReason
+				if len(m.Data) > 0 {
+					reason = RejectReason(m.Data[0])
+				}
+				switch reason {
+				case RejectInvalid:
+					return nil, fail(fmt.Errorf("%w: refused by %s", target.ErrInvalid, m.From))
+				case RejectIO:
+					return nil, fail(fmt.Errorf("%w: primary %s could not read", target.ErrIO, m.From))
+				}
+				c.log.Debug("request rejected", "req", id, "by", m.From, "reason", reason, "epoch", m.Epoch, "peers", m.Peers)
+				break wait
+			case <-timer.C:
+				c.timeouts.Add(1)
+				c.log.Debug("request timed out", "req", id, "to", to, "epoch", epoch)
+				dead, deadEpoch = to, epoch
+				break wait
+			case <-ctx.Done():
+				return nil, fail(ctx.Err())
+			}
+		}
+		// Next attempt: the believed primary if it is news, else the next
+		// replica round the set.
+		p, e := c.Route()
+		news := p != "" && (p != to || e != epoch) && (p != dead || e > deadEpoch)
+		if news {
+			to, epoch = p, e
+			continue
+		}
+		to, epoch = c.after(to), e
+		t := time.NewTimer(backoff)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, fail(ctx.Err())
+		}
+		backoff = min(2*backoff, MaxRetryBackoff)
+	}
+}
+
+// after returns the replica after id in Replicas (the first if id is none
+// of them).
+func (c *Client) after(id api.NodeID) api.NodeID {
+	i := slices.Index(c.cfg.Replicas, id)
+	return c.cfg.Replicas[(i+1)%len(c.cfg.Replicas)]
+}
