@@ -234,8 +234,8 @@ func (n *tcpNet) close(c *rcluster) {
 }
 
 // TestRemoteClientFailover: three Replicas and a Client on a fourth node,
-// all on TCP. The Client writes 200 random 4 KiB blocks and reads them
-// back; then, while it keeps writing from a goroutine, another replica is
+// all on TCP. The Client writes 200 random 4 KiB blocks (from 4
+// goroutines at once) and reads them back; then, while it keeps writing from a goroutine, another replica is
 // promoted at a higher epoch, the old primary either cut off (its
 // attempts time out) or still connected (it steps down and rejects). No
 // client call fails; every acknowledged write reads back through the
@@ -276,12 +276,39 @@ func testRemoteFailover(t *testing.T, cut bool) {
 		rng.Read(d)
 		return rng.Int63n(blocks), d
 	}
-	for range 200 {
-		b, d := block(rng)
-		if err := cl.Write(ctx, d, b*rbs, false); err != nil {
-			t.Fatalf("write block %d: %v", b, err)
-		}
-		model[b] = d
+	// 200 writes from 4 goroutines at once, each on its own blocks (b%4).
+	const writers = 4
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		errs  []error
+		seeds = rng.Perm(writers)
+	)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			wr := rand.New(rand.NewSource(int64(seeds[w])))
+			for range 200 / writers {
+				b, d := block(wr)
+				b = b - b%writers + int64(w)
+				err := cl.Write(ctx, d, b*rbs, false)
+				mu.Lock()
+				if err != nil {
+					errs = append(errs, fmt.Errorf("write block %d: %w", b, err))
+				} else {
+					model[b] = d
+				}
+				mu.Unlock()
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if len(errs) > 0 {
+		t.Fatal(errors.Join(errs...))
 	}
 	checkRemoteBlocks(t, ctx, cl, model, blocks)
 	if p, e := cl.Route(); p != "n1" || e != 1 {
