@@ -34,6 +34,14 @@ func TestExtentMapOracle(t *testing.T) {
 		}
 		var oracle [blocks]cell
 		var updater sync.Mutex // the test's updates are serial; Persist wants the lock anyway
+		// cellOf records block b of extent x the way the oracle does.
+		cellOf := func(got *[blocks]cell, x Extent, b int64) {
+			c := cell{kind: x.Kind}
+			if x.Kind == KindData {
+				c.cont, c.off = x.Container, x.COff+(b-x.Start/bs)*bs
+			}
+			got[b] = c
+		}
 		m, err := d.OpenMap(pkey)
 		if err != nil {
 			t.Fatal(err)
@@ -68,13 +76,7 @@ func TestExtentMapOracle(t *testing.T) {
 				oracle[b] = c
 			}
 			if op%97 == 0 || op == 2000 {
-				checkOracle(t, m, func(got *[blocks]cell, x Extent, b int64) {
-					c := cell{kind: x.Kind}
-					if x.Kind == KindData {
-						c.cont, c.off = x.Container, x.COff+(b-x.Start/bs)*bs
-					}
-					got[b] = c
-				}, &oracle, liveBytes-removedBytes, bs)
+				checkOracle(t, m, cellOf, &oracle, liveBytes-removedBytes, bs)
 				// A clipped lookup agrees too.
 				ls := int64(rng.Intn(blocks))
 				ln := int64(1 + rng.Intn(blocks-int(ls)))
@@ -97,13 +99,7 @@ func TestExtentMapOracle(t *testing.T) {
 				if m2.Applied() != op || m2.Len() != m.Len() {
 					t.Fatalf("reloaded map: applied %d len %d, want %d %d", m2.Applied(), m2.Len(), op, m.Len())
 				}
-				checkOracle(t, m2, func(got *[blocks]cell, x Extent, b int64) {
-					c := cell{kind: x.Kind}
-					if x.Kind == KindData {
-						c.cont, c.off = x.Container, x.COff+(b-x.Start/bs)*bs
-					}
-					got[b] = c
-				}, &oracle, liveBytes-removedBytes, bs)
+				checkOracle(t, m2, cellOf, &oracle, liveBytes-removedBytes, bs)
 			}
 		}
 		if a := m.Applied(); a != 2000 {
