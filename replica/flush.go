@@ -75,10 +75,13 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 		p.mu.Lock()
 		live := p.mu.live[container{metastore.InJournal, s.ID}]
 		p.mu.Unlock()
-		if s.Active || live == 0 || s.Records == 0 {
+		if s.Active {
 			continue
 		}
 		total -= s.Size
+		if live == 0 || s.Records == 0 {
+			continue // reclaim frees it without a copy
+		}
 		err := p.j.Replay(s.FirstOp-1, func(r *journal.Record, pos journal.Pos) error {
 			if r.OpNum > s.LastOp {
 				return errStopReplay
