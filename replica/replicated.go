@@ -100,9 +100,9 @@ package replica
 // deduplicated by request id). The rules:
 //
 //   - A request is checked before the Core sees it (checkRemote: an op
-//     kind, a non-empty range at a non-negative offset, at most
-//     wire.MaxData bytes for a read or write, write data of the stated
-//     length); a malformed one is answered RejectInvalid and never reaches
+//     kind, a non-empty range at a non-negative offset and within
+//     ReplicaConfig.Size when set, at most wire.MaxData bytes for a read or
+//     write, write data of the stated length); a malformed one is answered RejectInvalid and never reaches
 //     the Core, so it can neither leak pending data nor fail the replica
 //     at apply.
 //   - A remote write's data waits in pending under its request id until its
@@ -245,7 +245,10 @@ type ReplicaConfig struct {
 	// QueueLen bounds the inbound messages waiting for the goroutine
 	// (Deliver drops past it); 0: DefaultQueueLen.
 	QueueLen int
-	Logger   *slog.Logger
+	// Size is the partition's size in bytes: a remote request past it is
+	// refused (RejectInvalid) before the Core numbers it; 0: unchecked.
+	Size   int64
+	Logger *slog.Logger
 }
 
 // ReplicaStatus is a Replica's state as of its goroutine's last loop.
@@ -818,7 +821,7 @@ func (r *Replica) remoteRequest(m *wire.Msg) {
 		r.reject(m.From, m.ReqID, m.Kind, RejectUnavailable)
 		return
 	}
-	if err := checkRemote(m); err != nil {
+	if err := checkRemote(m, r.cfg.Size); err != nil {
 		r.log.Debug("request refused", "msg", m.String(), "err", err)
 		r.reject(m.From, m.ReqID, m.Kind, RejectInvalid)
 		return
@@ -833,7 +836,7 @@ func (r *Replica) remoteRequest(m *wire.Msg) {
 }
 
 // checkRemote checks what the Core and the extent map take on trust.
-func checkRemote(m *wire.Msg) error {
+func checkRemote(m *wire.Msg, size int64) error {
 	switch m.Kind {
 	case wire.KindFlush:
 		return nil
@@ -844,6 +847,9 @@ func checkRemote(m *wire.Msg) error {
 	if m.Off < 0 || m.Len <= 0 || m.Off > math.MaxInt64-m.Len ||
 		(m.Len > wire.MaxData && (m.Kind == wire.KindWrite || m.Kind == wire.KindRead)) {
 		return fmt.Errorf("%w: %v [%d,+%d)", ErrInvalidRequest, m.Kind, m.Off, m.Len)
+	}
+	if size > 0 && m.Off+m.Len > size {
+		return fmt.Errorf("%w: %v [%d,+%d) past the partition's %d bytes", ErrInvalidRequest, m.Kind, m.Off, m.Len, size)
 	}
 	if (m.Kind == wire.KindWrite) != (len(m.Data) > 0) || (m.Kind == wire.KindWrite && int64(len(m.Data)) != m.Len) {
 		return fmt.Errorf("%w: %v of %d bytes carries %d", ErrInvalidRequest, m.Kind, m.Len, len(m.Data))

@@ -121,6 +121,7 @@ func (c *rcluster) open(nd *rnode) {
 		Core:   CoreConfig{ID: nd.id, Partition: 1, Control: ctlID, PeerTimeoutTicks: 10, RetryTicks: 3},
 		Send:   c.send,
 		Tick:   5 * time.Millisecond,
+		Size:   testPartSize,
 		Logger: slog.New(slog.NewTextHandler(testWriter{t}, nil)).With("node", nd.id),
 	})
 	if err != nil {
@@ -375,6 +376,9 @@ func (c *rcluster) quiesce(primary api.NodeID, ids ...api.NodeID) {
 const (
 	rbs     = 4096
 	rblocks = 32
+	// testPartSize is the partition size the test Replicas check remote
+	// requests against.
+	testPartSize = 8 << 20
 )
 
 // rmodel is the expected content: a fill byte per block (0 = zeros).
@@ -778,13 +782,15 @@ func TestReplicaRemoteRequests(t *testing.T) {
 	wantReject(t, req("n1", 2, epoch-1, wire.KindWrite, 0, 2*rbs, data), RejectNotPrimary, epoch, "n1")
 	for i, bad := range []wire.Msg{
 		{Kind: wire.KindWrite, Off: 0, Len: 0},
-		{Kind: wire.KindWrite, Off: 0, Len: rbs, Data: data},      // data of another length
-		{Kind: wire.KindZero, Off: 0, Len: rbs, Data: data[:rbs]}, // data on a zero
-		{Kind: wire.KindRead, Off: 1 << 62, Len: 1 << 62},         // overflows
-		{Kind: wire.KindRead, Off: 0, Len: wire.MaxData + 1},      // too large
-		{Kind: wire.KindNoop, Off: 0, Len: rbs},                   // not a client op
-		{Kind: wire.CtlBless, Off: 0, Len: rbs},                   // not an op
-		{Kind: wire.KindTrim, Off: 1 << 62, Len: 1 << 62},         // overflows (the wire's largest)
+		{Kind: wire.KindWrite, Off: 0, Len: rbs, Data: data},                      // data of another length
+		{Kind: wire.KindZero, Off: 0, Len: rbs, Data: data[:rbs]},                 // data on a zero
+		{Kind: wire.KindRead, Off: 1 << 62, Len: 1 << 62},                         // overflows
+		{Kind: wire.KindRead, Off: 0, Len: wire.MaxData + 1},                      // too large
+		{Kind: wire.KindNoop, Off: 0, Len: rbs},                                   // not a client op
+		{Kind: wire.CtlBless, Off: 0, Len: rbs},                                   // not an op
+		{Kind: wire.KindTrim, Off: 1 << 62, Len: 1 << 62},                         // overflows (the wire's largest)
+		{Kind: wire.KindWrite, Off: testPartSize - rbs, Len: 2 * rbs, Data: data}, // past the partition
+		{Kind: wire.KindRead, Off: testPartSize, Len: rbs},                        // past the partition
 	} {
 		id := uint64(100 + i)
 		wantReject(t, req("n1", id, epoch, bad.Kind, bad.Off, bad.Len, bad.Data), RejectInvalid, epoch, "n1")
