@@ -169,9 +169,6 @@ type Update struct {
 	vb   [extentValueLen]byte
 	olds []Extent
 	err  error
-
-	// Delta is the change in the partition's extent count so far.
-	Delta int
 }
 
 // Set makes [e.Start, e.End()) map to e (or, with e.Kind == 0, to a hole),
@@ -207,13 +204,11 @@ func (u *Update) Replace(old, e Extent) bool {
 	if !ok || cur != old {
 		return false
 	}
-	u.Delta-- // put re-counts the replaced extent
 	u.put(e)
 	return true
 }
 
 func (u *Update) put(e Extent) {
-	u.Delta++
 	u.m.mu.tree.ReplaceOrInsert(e)
 	if u.err == nil {
 		u.err = u.m.b.Set(extentKey(u.kb[:0], u.m.pkey, e.Start), encodeExtent(u.vb[:0], &e), nil)
@@ -221,7 +216,6 @@ func (u *Update) put(e Extent) {
 }
 
 func (u *Update) del(start int64) {
-	u.Delta--
 	if u.err == nil {
 		u.err = u.m.b.Delete(extentKey(u.kb[:0], u.m.pkey, start), nil)
 	}

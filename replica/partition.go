@@ -92,7 +92,6 @@ type Partition struct {
 	log   *slog.Logger
 
 	lastOpTime atomic.Int64 // unix nanos of the last op
-	extents    atomic.Int64 // extents in the map
 	flushedOp  atomic.Uint64
 
 	gc sync.RWMutex
@@ -189,7 +188,6 @@ func openPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 			p.mu.live[container{e.Where, e.Container}] += e.Len
 		}
 	}
-	p.extents.Store(int64(len(all)))
 	shards, err := store.List(ctx, pkey)
 	if err != nil {
 		j.Close()
@@ -346,12 +344,10 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 		u.Abort()
 		return fmt.Errorf("replica: unknown record kind %d at op %d", r.Kind, r.OpNum)
 	}
-	delta := u.Delta
 	if err := u.Commit(r.OpNum); err != nil {
 		return err
 	}
 	p.mu.applied = r.OpNum
-	p.extents.Add(int64(delta))
 	return nil
 }
 
@@ -491,7 +487,7 @@ func (p *Partition) Stats() Stats {
 	for _, seg := range p.j.Segments() {
 		s.JournalBytes += seg.Size
 	}
-	s.Extents = p.extents.Load()
+	s.Extents = int64(p.m.Len())
 	s.LastOp = p.lastOp()
 	p.mu.Lock()
 	for _, n := range p.mu.live {
