@@ -142,4 +142,65 @@ func (c *Client) ClusterVolume(ctx context.Context, name string) (cluster.Volume
 	return v, err
 }
 
+// ClusterVolumes answers GET /v1/cluster/volumes: every volume with the
+// placement of its partitions, sorted by name.
+func (c *Client) ClusterVolumes(ctx context.Context) ([]cluster.Volume, error) {
+	out := []cluster.Volume{}
+	if err := c.do(ctx, http.MethodGet, "/v1/cluster/volumes", nil, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// GrantRequest is the body of POST /v1/grants (acquire), /v1/grants/release,
+// /v1/grants/bless and /v1/grants/unbless (mirrors ctl/control's).
+type GrantRequest struct {
+	Volume    string          `json:"volume"`
+	Partition api.PartitionID `json:"partition"`
+	Role      cluster.Role    `json:"role,omitempty"`
+	Node      api.NodeID      `json:"node"`
+	Epoch     api.Epoch       `json:"epoch,omitempty"` // bless; acquire by the primary: leave this epoch
+	Force     bool            `json:"force,omitempty"` // release
+}
+
+// InSyncRequest is the body of POST /v1/grants/in-sync (mirrors ctl/control's).
+type InSyncRequest struct {
+	Volume    string          `json:"volume"`
+	Partition api.PartitionID `json:"partition"`
+	Node      api.NodeID      `json:"node"` // the primary
+	Epoch     api.Epoch       `json:"epoch"`
+	InSync    []api.NodeID    `json:"in_sync"`
+}
+
+// Acquire calls POST /v1/grants: the role for req.Node (see ctl/cluster's
+// grant rules; a refusal because another node holds it wraps api.ErrInUse).
+func (c *Client) Acquire(ctx context.Context, req GrantRequest) (cluster.Grant, error) {
+	var g cluster.Grant
+	err := c.do(ctx, http.MethodPost, "/v1/grants", req, &g)
+	return g, err
+}
+
+// Release calls POST /v1/grants/release.
+func (c *Client) Release(ctx context.Context, req GrantRequest) (cluster.Grant, error) {
+	var g cluster.Grant
+	err := c.do(ctx, http.MethodPost, "/v1/grants/release", req, &g)
+	return g, err
+}
+
+// Bless calls POST /v1/grants/bless: a solo blessing for the primary
+// req.Node at req.Epoch.
+func (c *Client) Bless(ctx context.Context, req GrantRequest) (cluster.Blessing, error) {
+	var b cluster.Blessing
+	err := c.do(ctx, http.MethodPost, "/v1/grants/bless", req, &b)
+	return b, err
+}
+
+// SetInSync calls POST /v1/grants/in-sync: the primary reports its in-sync
+// set for its epoch. It answers the volume as changed.
+func (c *Client) SetInSync(ctx context.Context, req InSyncRequest) (cluster.Volume, error) {
+	var v cluster.Volume
+	err := c.do(ctx, http.MethodPost, "/v1/grants/in-sync", req, &v)
+	return v, err
+}
+
 func nodePath(id api.NodeID) string { return "/v1/nodes/" + url.PathEscape(string(id)) }

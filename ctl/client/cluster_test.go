@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/ctl/cluster"
 	"stor.dev/stor/ctl/control"
 )
@@ -33,7 +34,9 @@ func TestClusterTypesMirrorControl(t *testing.T) {
 	for _, c := range []struct {
 		from any
 		into any
-	}{{status, &ClusterStatus{}}, {view, &NodeView{}}} {
+	}{{status, &ClusterStatus{}}, {view, &NodeView{}},
+		{control.GrantRequest{Volume: "v", Partition: 2, Role: cluster.RolePrimary, Node: "n1", Epoch: 3, Force: true}, &GrantRequest{}},
+		{control.InSyncRequest{Volume: "v", Partition: 2, Node: "n1", Epoch: 3, InSync: []api.NodeID{"n1", "n2"}}, &InSyncRequest{}}} {
 		want, err := json.Marshal(c.from)
 		if err != nil {
 			t.Fatal(err)

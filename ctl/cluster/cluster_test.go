@@ -325,6 +325,17 @@ func TestGrantFirstWins(t *testing.T) {
 	if r.Grant.Epoch != 1 || r.Grant.Node != primary {
 		t.Fatalf("re-acquire: %+v", r.Grant)
 	}
+	// The holder giving its current epoch gets a new one, once: asked
+	// again with the old epoch it is answered with the new grant.
+	r = mustApply(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: primary, Epoch: 1})
+	if r.Grant.Epoch != 2 || r.Grant.Node != primary {
+		t.Fatalf("bump: %+v", r.Grant)
+	}
+	r = mustApply(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: primary, Epoch: 1})
+	if r.Grant.Epoch != 2 {
+		t.Fatalf("repeated bump: %+v", r.Grant)
+	}
+	applyFail(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: sec, Epoch: 2}, api.ErrInUse)
 	err := applyFail(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: sec}, api.ErrInUse)
 	var held *HeldError
 	if !errors.As(err, &held) || !slices.Equal(held.Holders, []api.NodeID{primary}) {
@@ -337,8 +348,8 @@ func TestGrantFirstWins(t *testing.T) {
 	mustApply(t, m, Command{Op: OpRelease, Volume: "v", Role: RolePrimary, Node: primary})
 	applyFail(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: others[0]}, ErrNotInSync)
 	r = mustApply(t, m, Command{Op: OpAcquire, Volume: "v", Role: RolePrimary, Node: sec})
-	if r.Grant.Epoch != 2 {
-		t.Fatalf("epoch %d, want 2", r.Grant.Epoch)
+	if r.Grant.Epoch != 3 {
+		t.Fatalf("epoch %d, want 3", r.Grant.Epoch)
 	}
 	// Its old secondary slot is free: first requester wins it.
 	mustApply(t, m, Command{Op: OpAcquire, Volume: "v", Role: RoleSecondary, Node: others[1]})

@@ -26,7 +26,8 @@ type Op string
 //	create-volume      Create
 //	resize-volume      Volume, Size
 //	delete-volume      Volume, Force
-//	acquire            Volume, Partition, Role, Node
+//	acquire            Volume, Partition, Role, Node, Epoch (primary: the
+//	                   holder giving Epoch, the current one, gets a new epoch)
 //	release            Volume, Partition, Role, Node, Force
 //	set-in-sync        Volume, Partition, Node (the primary), Epoch, Nodes
 //	bless              Volume, Partition, Node (the primary), Epoch

@@ -87,6 +87,15 @@ func (m *Map) acquire(c Command) (Result, error) {
 		return Result{}, err
 	}
 	cur := p.RoleOf(n.ID)
+	if cur == c.Role && c.Role == RolePrimary && c.Epoch != 0 && c.Epoch == p.Epoch && n.State != StateDead {
+		// The holder leaves its epoch for a new one: a restarted primary
+		// (it must not serve again at an epoch it may have lost notes
+		// of) or one whose replica set changed. Asked again with the old
+		// epoch, it is answered below without a second rise.
+		p.Epoch++
+		p.Solo = nil
+		return Result{Grant: p.grant(v, RolePrimary, n.ID)}, nil
+	}
 	if cur == c.Role {
 		return Result{Grant: p.grant(v, c.Role, n.ID)}, nil // the holder asks again
 	}

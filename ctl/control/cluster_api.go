@@ -127,7 +127,7 @@ type GrantRequest struct {
 	Partition api.PartitionID `json:"partition"`
 	Role      cluster.Role    `json:"role,omitempty"`
 	Node      api.NodeID      `json:"node"`
-	Epoch     api.Epoch       `json:"epoch,omitempty"` // bless
+	Epoch     api.Epoch       `json:"epoch,omitempty"` // bless; acquire by the primary: leave this epoch
 	Force     bool            `json:"force,omitempty"` // release
 }
 
