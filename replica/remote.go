@@ -49,7 +49,8 @@ package replica
 //     believed primary; when that gives nothing new (the same target and
 //     epoch as the attempt that failed, or a replica that timed out at an
 //     epoch no higher than the hint's), it goes to the next replica of
-//     Replicas in order, round the set.
+//     Replicas in order, round the set. SetRoute (the control plane's
+//     view) replaces the set, and the belief when its epoch is higher.
 //   - Stall, not error. A Reject of kind NotPrimary, StepDown or
 //     Unavailable, and an attempt with no Reply within AttemptTimeout, are
 //     retried after a backoff (none for a redirect to a new primary or
@@ -140,9 +141,10 @@ type Client struct {
 
 	mu struct {
 		sync.Mutex
-		primary api.NodeID // believed primary ("" unknown)
-		epoch   api.Epoch  // its epoch
-		calls   map[uint64]chan *wire.Msg
+		primary  api.NodeID // believed primary ("" unknown)
+		epoch    api.Epoch  // its epoch
+		replicas []api.NodeID
+		calls    map[uint64]chan *wire.Msg
 	}
 }
 
@@ -171,6 +173,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	c := &Client{cfg: cfg, log: cfg.Logger.With("client", cfg.Self, "partition", cfg.Partition)}
 	c.prefix = uint64(max(rand.Uint32(), 1)) << 32
 	c.mu.primary = cfg.Replicas[0]
+	c.mu.replicas = cfg.Replicas
 	c.mu.calls = make(map[uint64]chan *wire.Msg)
 	return c, nil
 }
@@ -181,6 +184,23 @@ func (c *Client) Route() (api.NodeID, api.Epoch) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.mu.primary, c.mu.epoch
+}
+
+// SetRoute tells the Client what the control plane says: the partition's
+// replicas (primary first) and the primary's epoch. It replaces the
+// replica set tried round the set, and the believed primary only if epoch
+// is higher than the one believed (replies remain the better teacher: a
+// route from the map may be old).
+func (c *Client) SetRoute(replicas []api.NodeID, epoch api.Epoch) {
+	if len(replicas) == 0 || slices.Contains(replicas, "") {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.mu.replicas = slices.Clone(replicas)
+	if epoch > c.mu.epoch {
+		c.mu.primary, c.mu.epoch = replicas[0], epoch
+	}
 }
 
 // Stats returns the counters.
@@ -314,7 +334,7 @@ func (c *Client) do(ctx context.Context, kind wire.Kind, off, n int64, data []by
 			c.cfg.Self, c.cfg.Partition, kind, off, n, id, err)
 	}
 	if to == "" {
-		to = c.cfg.Replicas[0]
+		to = c.after("")
 	}
 	var (
 		timer     = time.NewTimer(c.cfg.AttemptTimeout)
@@ -383,9 +403,11 @@ func (c *Client) do(ctx context.Context, kind wire.Kind, off, n int64, data []by
 	}
 }
 
-// after returns the replica after id in Replicas (the first if id is none
-// of them).
+// after returns the replica after id in the replica set (the first if id
+// is none of them).
 func (c *Client) after(id api.NodeID) api.NodeID {
-	i := slices.Index(c.cfg.Replicas, id)
-	return c.cfg.Replicas[(i+1)%len(c.cfg.Replicas)]
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	i := slices.Index(c.mu.replicas, id)
+	return c.mu.replicas[(i+1)%len(c.mu.replicas)]
 }
