@@ -112,11 +112,11 @@ type Control interface {
 // Config configures Open.
 type Config struct {
 	Self    api.NodeID
-	Dir     string     // the replicas' data (created)
-	Listen  string     // the replication listener, host:port
-	Control Control    // required
-	Head    bool       // hold replicas (the head role)
-	FS      vfs.FS     // nil: the real disk
+	Dir     string  // the replicas' data (created)
+	Listen  string  // the replication listener, host:port
+	Control Control // required
+	Head    bool    // hold replicas (the head role)
+	FS      vfs.FS  // nil: the real disk
 	Logger  *slog.Logger
 	// Poll is the period of map reads; 0: DefaultPoll.
 	Poll time.Duration
