@@ -12,6 +12,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strconv"
+	"sync"
 	"time"
 
 	"stor.dev/stor/ctl/api"
@@ -25,6 +26,7 @@ import (
 //	method  path                          body             answer
 //	------  ----------------------------  ---------------  --------------------------
 //	GET     /v1/cluster/status            -                200 ClusterStatus (local)
+//	POST    /v1/cluster/config            ConfigureRequest 200 cluster.Config (the new one)
 //	POST    /v1/cluster/join              JoinRequest      200 []Voter
 //	POST    /v1/cluster/leave             LeaveRequest     200 []Voter
 //	GET     /v1/cluster/volumes           -                200 []cluster.Volume (placement)
@@ -57,6 +59,13 @@ import (
 //     X-Stor-Leader-API.
 //   - Errors are JSON api.Error bodies by the api.Codes table (WriteError); a
 //     refused grant is 409 "in_use" naming the holder.
+//   - POST /v1/cluster/config changes the fields its body names and keeps
+//     the rest: the leader reads the current config (consistent read),
+//     merges, and proposes a configure; a value the map refuses (cluster's
+//     Config rules) is 400 "invalid", as is a body that names no field. The
+//     leader runs one configure at a time, so two concurrent ones both land.
+//     The body spells durations as Go duration strings ("1500ms"); the
+//     answer, like every cluster.Config the API shows, holds nanoseconds.
 
 // Headers of leader forwarding.
 const (
@@ -97,6 +106,49 @@ type StatusVoter struct {
 type JoinRequest struct {
 	ID   api.NodeID `json:"id"`
 	Raft string     `json:"raft"`
+}
+
+// ConfigureRequest is the body of POST /v1/cluster/config: the settings to
+// change. An absent or null field keeps the map's value. Durations are Go
+// duration strings ("1.5s", "750ms").
+type ConfigureRequest struct {
+	LeaseTimeout         *string `json:"lease_timeout,omitempty"`
+	SuspectTimeout       *string `json:"suspect_timeout,omitempty"`
+	MinHealth            *int    `json:"min_health,omitempty"`
+	DefaultPartitionSize *int64  `json:"default_partition_size,omitempty"`
+	DefaultReplicas      *int    `json:"default_replicas,omitempty"`
+}
+
+// merge returns cur with the fields r names replaced. It checks only the
+// duration strings; the map checks the result.
+func (r ConfigureRequest) merge(cur cluster.Config) (cluster.Config, error) {
+	if r == (ConfigureRequest{}) {
+		return cur, fmt.Errorf("%w: configure names no setting: want one or more of lease_timeout, suspect_timeout, min_health, default_partition_size, default_replicas", api.ErrInvalid)
+	}
+	for _, d := range []struct {
+		name string
+		s    *string
+		into *time.Duration
+	}{{"lease_timeout", r.LeaseTimeout, &cur.LeaseTimeout}, {"suspect_timeout", r.SuspectTimeout, &cur.SuspectTimeout}} {
+		if d.s == nil {
+			continue
+		}
+		v, err := time.ParseDuration(*d.s)
+		if err != nil {
+			return cur, fmt.Errorf("%w: %s %q: want a duration such as \"1500ms\" or \"1.5s\"", api.ErrInvalid, d.name, *d.s)
+		}
+		*d.into = v
+	}
+	if r.MinHealth != nil {
+		cur.MinHealth = *r.MinHealth
+	}
+	if r.DefaultPartitionSize != nil {
+		cur.DefaultPartitionSize = *r.DefaultPartitionSize
+	}
+	if r.DefaultReplicas != nil {
+		cur.DefaultReplicas = *r.DefaultReplicas
+	}
+	return cur, nil
 }
 
 // LeaveRequest is the body of POST /v1/cluster/leave.
@@ -160,6 +212,10 @@ type clusterHandler struct {
 	log  *slog.Logger
 	mux  *http.ServeMux
 	fwd  http.RoundTripper
+
+	// configuring is held from the read to the proposal of a configure, so
+	// that two concurrent ones do not merge over the same old config.
+	configuring sync.Mutex
 }
 
 // NewClusterHandler returns the handler of the cluster routes above.
@@ -177,6 +233,7 @@ func NewClusterHandler(node *Node, cfg ClusterHandlerConfig) http.Handler {
 	}
 	lead("POST /v1/cluster/join", h.join)
 	lead("POST /v1/cluster/leave", h.leave)
+	lead("POST /v1/cluster/config", h.configure)
 	lead("GET /v1/cluster/volumes", h.volumes)
 	lead("GET /v1/cluster/volumes/{name}", h.volume)
 	lead("GET /v1/cluster/work", h.work)
@@ -454,6 +511,37 @@ func (h *clusterHandler) leave(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	clusterJSON(w, http.StatusOK, vs)
+}
+
+func (h *clusterHandler) configure(w http.ResponseWriter, r *http.Request) {
+	var req ConfigureRequest
+	if err := clusterDecode(r, &req, false); err != nil {
+		WriteError(w, err)
+		return
+	}
+	if _, err := req.merge(cluster.DefaultConfig()); err != nil {
+		WriteError(w, err) // refuse a bad body before taking the lock
+		return
+	}
+	h.configuring.Lock()
+	defer h.configuring.Unlock()
+	var cur cluster.Config
+	if err := h.node.ConsistentRead(r.Context(), func(m *cluster.Map) { cur = m.Config }); err != nil {
+		h.clusterError(w, r, err)
+		return
+	}
+	next, err := req.merge(cur)
+	if err != nil {
+		WriteError(w, err)
+		return
+	}
+	if _, err := h.node.Propose(r.Context(), cluster.Command{Op: cluster.OpConfigure, Config: &next}); err != nil {
+		h.clusterError(w, r, err)
+		return
+	}
+	h.log.Info("control: configure", "lease_timeout", next.LeaseTimeout, "suspect_timeout", next.SuspectTimeout,
+		"min_health", next.MinHealth, "default_partition_size", next.DefaultPartitionSize, "default_replicas", next.DefaultReplicas)
+	clusterJSON(w, http.StatusOK, next)
 }
 
 func (h *clusterHandler) volumes(w http.ResponseWriter, r *http.Request) {

@@ -35,8 +35,12 @@ import (
 //     address and, when the leader is a registered node, its API address.
 //   - The proposer sets Command.Now from its clock when the caller left it
 //     zero: Apply on the voters never reads a clock.
-//   - The leader proposes a Tick every TickInterval, with Since = the time it
-//     became leader, so a new leader gives every node a full lease.
+//   - The leader proposes a Tick every min(TickInterval, LeaseTimeout/4),
+//     LeaseTimeout being the map's (at least minTickPeriod when the lease
+//     sets it), with Since = the time it became leader, so a new leader
+//     gives every node a full lease. The period is read again after every
+//     tick, and a configure proposed on this node restarts the wait at once:
+//     lowering the lease shortens the ticks without a restart.
 //   - Read gives the local, possibly stale, map; ConsistentRead first makes
 //     sure this node is the leader and has applied everything committed
 //     before the call (a raft barrier).
@@ -97,7 +101,7 @@ type NodeConfig struct {
 	CommitTimeout      time.Duration    // 10ms
 	SnapshotThreshold  uint64           // entries between snapshots; 1024
 	ApplyTimeout       time.Duration    // bound on one Propose when ctx has no deadline; 10s
-	TickInterval       time.Duration    // leader's Tick period; 1s; negative: never
+	TickInterval       time.Duration    // longest Tick period of the leader (see the rules); 1s; negative: never
 	Now                func() time.Time // the proposer's clock; nil: time.Now
 }
 
@@ -111,6 +115,7 @@ type Node struct {
 	trans  raft.Transport
 	store  *raftboltdb.BoltStore
 	cancel context.CancelFunc
+	retick chan struct{}  // capacity 1: the map's config changed, recompute the tick period
 	wg     sync.WaitGroup // the ticker
 	waits  sync.WaitGroup // goroutines waiting on raft futures; end at raft shutdown
 
@@ -229,7 +234,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		return nil, fmt.Errorf("control: start raft: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	n := &Node{cfg: cfg, log: log, fsm: f, raft: r, trans: trans, store: store, cancel: cancel}
+	n := &Node{cfg: cfg, log: log, fsm: f, raft: r, trans: trans, store: store, cancel: cancel, retick: make(chan struct{}, 1)}
 	if cfg.TickInterval > 0 {
 		n.wg.Add(1)
 		go n.ticker(ctx)
@@ -355,6 +360,12 @@ func (n *Node) Propose(ctx context.Context, c cluster.Command) (cluster.Result, 
 	resp, ok := f.Response().(fsmResponse)
 	if !ok {
 		return cluster.Result{}, fmt.Errorf("%w: unexpected fsm response %T", api.ErrInternal, f.Response())
+	}
+	if c.Op == cluster.OpConfigure && resp.err == nil {
+		select {
+		case n.retick <- struct{}{}:
+		default: // one is pending already
+		}
 	}
 	return resp.res, resp.err
 }
@@ -503,34 +514,62 @@ func (n *Node) Stats() Stats {
 	return st
 }
 
-// ticker proposes a Tick every TickInterval while this node leads.
+// minTickPeriod is the shortest tick period a short lease gives.
+const minTickPeriod = 10 * time.Millisecond
+
+// tickPeriod is min(TickInterval, LeaseTimeout/4) by this node's map, the
+// lease's share no shorter than minTickPeriod.
+func (n *Node) tickPeriod() time.Duration {
+	p := n.cfg.TickInterval
+	n.fsm.read(func(m *cluster.Map) {
+		if q := max(m.Config.LeaseTimeout/4, minTickPeriod); q < p {
+			p = q
+		}
+	})
+	return p
+}
+
+// ticker proposes a Tick every tickPeriod while this node leads. The period
+// counts from one tick's start to the next; a tick that took longer than a
+// period is followed by the next at once.
 func (n *Node) ticker(ctx context.Context) {
 	defer n.wg.Done()
-	t := time.NewTicker(n.cfg.TickInterval)
+	t := time.NewTimer(n.tickPeriod())
 	defer t.Stop()
 	var since time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-n.retick:
+			t.Reset(n.tickPeriod())
+			continue
 		case <-t.C:
 		}
-		if n.raft.State() != raft.Leader {
-			since = time.Time{}
-			continue
-		}
-		now := n.cfg.Now().UTC()
-		if since.IsZero() {
-			since = now
-		}
-		tctx, cancel := context.WithTimeout(ctx, n.cfg.TickInterval)
-		res, err := n.Propose(tctx, cluster.Command{Op: cluster.OpTick, Now: now, Since: since})
-		cancel()
-		switch {
-		case err != nil:
-			n.log.Debug("control: tick", "err", err)
-		case len(res.Dead) > 0:
-			n.log.Warn("control: nodes declared dead", "nodes", res.Dead, "work", len(res.Work))
-		}
+		start := time.Now()
+		n.tick(ctx, &since)
+		t.Reset(max(0, time.Until(start.Add(n.tickPeriod()))))
+	}
+}
+
+// tick proposes one Tick if this node leads; *since is when it became
+// leader, zero while it does not lead.
+func (n *Node) tick(ctx context.Context, since *time.Time) {
+	if n.raft.State() != raft.Leader {
+		*since = time.Time{}
+		return
+	}
+	now := n.cfg.Now().UTC()
+	if since.IsZero() {
+		*since = now
+	}
+	tctx, cancel := context.WithTimeout(ctx, n.cfg.TickInterval)
+	res, err := n.Propose(tctx, cluster.Command{Op: cluster.OpTick, Now: now, Since: *since})
+	cancel()
+	switch {
+	case err != nil:
+		n.log.Debug("control: tick", "err", err)
+	case len(res.Dead) > 0:
+		n.log.Warn("control: nodes declared dead", "nodes", res.Dead, "work", len(res.Work))
 	}
 }

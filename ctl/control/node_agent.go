@@ -25,6 +25,15 @@ import (
 // The agent is how a node knows it is isolating: State is the state the
 // control plane answered with last, and becomes StateIsolating on its own
 // when no heartbeat was acknowledged for the cluster's suspect timeout.
+//
+// The agent learns the cluster's config from GET /v1/cluster/status once
+// registered and again every relearnBeats heartbeats, so a configure reaches
+// running agents. Unless AgentConfig sets them, it takes from it:
+//   - the suspect timeout after which it counts itself isolating;
+//   - its heartbeat period, min(1s, suspect timeout/3) and at least
+//     minHeartbeatPeriod, so that at least two heartbeats fall in every
+//     suspect timeout. Before it has learned anything it assumes
+//     cluster.DefaultConfig.
 type Agent struct {
 	cfg    AgentConfig
 	log    *slog.Logger
@@ -34,9 +43,10 @@ type Agent struct {
 	mu struct {
 		sync.Mutex
 		state   cluster.State
-		renewed time.Time // last acknowledged heartbeat (local clock)
-		suspect time.Duration
-		err     error // last error, nil after a success
+		renewed time.Time     // last acknowledged heartbeat (local clock)
+		suspect time.Duration // isolating after this long unrenewed
+		learned time.Duration // the cluster's suspect timeout, as last learned
+		err     error         // last error, nil after a success
 	}
 }
 
@@ -46,7 +56,7 @@ type AgentConfig struct {
 	Spec     cluster.NodeSpec // Spec.Addr.API is required; Spec.Addr.Raft when Voter
 	Join     []string         // base URLs of control nodes, tried in turn (http://host:port)
 	Voter    bool             // ask to join the raft group at Spec.Addr.Raft
-	Interval time.Duration    // heartbeat period; 1s
+	Interval time.Duration    // heartbeat period; 0: min(1s, the cluster's suspect timeout/3)
 	Suspect  time.Duration    // isolating after this long unrenewed; 0: the cluster's suspect timeout
 	Health   func() int       // the health score 0..100; nil: 100
 	Client   *http.Client     // nil: a client with a 5s timeout
@@ -61,8 +71,8 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	if cfg.Voter && cfg.Spec.Addr.Raft == "" {
 		return nil, fmt.Errorf("%w: a voter agent needs a raft address", api.ErrInvalid)
 	}
-	if cfg.Interval <= 0 {
-		cfg.Interval = time.Second
+	if cfg.Interval < 0 {
+		cfg.Interval = 0
 	}
 	if cfg.Health == nil {
 		cfg.Health = func() int { return 100 }
@@ -75,9 +85,10 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("node", string(cfg.ID)), cancel: cancel, done: make(chan struct{})}
+	a.mu.learned = cluster.DefaultConfig().SuspectTimeout
 	a.mu.suspect = cfg.Suspect
 	if a.mu.suspect <= 0 {
-		a.mu.suspect = cluster.DefaultConfig().SuspectTimeout
+		a.mu.suspect = a.mu.learned
 	}
 	go a.run(ctx)
 	return a, nil
@@ -114,10 +125,35 @@ func (a *Agent) setErr(err error) {
 	a.mu.Unlock()
 }
 
+// Heartbeat periods.
+const (
+	maxHeartbeatPeriod = time.Second           // when AgentConfig.Interval is 0
+	minHeartbeatPeriod = 10 * time.Millisecond // however short the suspect timeout
+	relearnBeats       = 10                    // heartbeats between two config reads
+)
+
+// heartbeatPeriod is the agent's heartbeat period: explicit when set, else
+// min(maxHeartbeatPeriod, suspect/3), at least minHeartbeatPeriod.
+func heartbeatPeriod(explicit, suspect time.Duration) time.Duration {
+	if explicit > 0 {
+		return explicit
+	}
+	return max(min(maxHeartbeatPeriod, suspect/3), minHeartbeatPeriod)
+}
+
+// interval is the heartbeat period now.
+func (a *Agent) interval() time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return heartbeatPeriod(a.cfg.Interval, a.mu.learned)
+}
+
 func (a *Agent) run(ctx context.Context) {
 	defer close(a.done)
 	registered, joined := false, !a.cfg.Voter
-	t := time.NewTicker(a.cfg.Interval)
+	beats := 0 // acknowledged heartbeats
+	// The period counts from one step's start to the next's.
+	t := time.NewTimer(a.interval())
 	defer t.Stop()
 	for {
 		var err error
@@ -139,6 +175,11 @@ func (a *Agent) run(ctx context.Context) {
 			if errors.Is(err, api.ErrNotFound) {
 				registered = false // removed from the map: register again
 			}
+			if err == nil {
+				if beats++; beats%relearnBeats == 0 {
+					a.learnConfig(ctx)
+				}
+			}
 		}
 		a.setErr(err)
 		if err != nil && ctx.Err() == nil {
@@ -151,6 +192,7 @@ func (a *Agent) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			t.Reset(a.interval())
 		}
 	}
 }
@@ -168,17 +210,27 @@ func (a *Agent) register(ctx context.Context) error {
 	return nil
 }
 
-// learnConfig takes the suspect timeout from the cluster's config unless
-// the agent was given one.
+// learnConfig reads the cluster's suspect timeout, which sets the isolation
+// timeout and the heartbeat period where AgentConfig left them 0. A failed
+// read keeps what the agent knew.
 func (a *Agent) learnConfig(ctx context.Context) {
-	if a.cfg.Suspect > 0 {
+	if a.cfg.Suspect > 0 && a.cfg.Interval > 0 {
 		return
 	}
 	var st ClusterStatus
-	if err := a.call(ctx, "GET", "/v1/cluster/status", nil, &st); err == nil && st.Config.SuspectTimeout > 0 {
-		a.mu.Lock()
+	if err := a.call(ctx, "GET", "/v1/cluster/status", nil, &st); err != nil || st.Config.SuspectTimeout <= 0 {
+		a.log.Debug("control: agent: learn the cluster config", "err", err)
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.mu.learned != st.Config.SuspectTimeout {
+		a.log.Info("control: cluster suspect timeout", "suspect", st.Config.SuspectTimeout,
+			"heartbeat", heartbeatPeriod(a.cfg.Interval, st.Config.SuspectTimeout))
+	}
+	a.mu.learned = st.Config.SuspectTimeout
+	if a.cfg.Suspect <= 0 {
 		a.mu.suspect = st.Config.SuspectTimeout
-		a.mu.Unlock()
 	}
 }
 
