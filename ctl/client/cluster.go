@@ -2,6 +2,8 @@ package client
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"time"
@@ -201,6 +203,49 @@ func (c *Client) SetInSync(ctx context.Context, req InSyncRequest) (cluster.Volu
 	var v cluster.Volume
 	err := c.do(ctx, http.MethodPost, "/v1/grants/in-sync", req, &v)
 	return v, err
+}
+
+// ConfigureCluster is the body of POST /v1/cluster/config (mirrors
+// ctl/control's ConfigureRequest): the settings to change. A zero field
+// keeps the cluster's value (zero is no valid value for any of them); so
+// does a nil MinHealth, for which 0 is a value.
+type ConfigureCluster struct {
+	LeaseTimeout         Duration `json:"lease_timeout,omitempty"`   // a node is dead after this long without a heartbeat
+	SuspectTimeout       Duration `json:"suspect_timeout,omitempty"` // isolating after this long
+	MinHealth            *int     `json:"min_health,omitempty"`      // isolating below this score, 0..100
+	DefaultPartitionSize int64    `json:"default_partition_size,omitempty"`
+	DefaultReplicas      int      `json:"default_replicas,omitempty"`
+}
+
+// Duration is a time.Duration whose JSON is a Go duration string ("1.5s"),
+// as POST /v1/cluster/config takes it.
+type Duration time.Duration
+
+// MarshalJSON encodes d as its time.Duration string.
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON decodes a Go duration string.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return fmt.Errorf("client: duration: want a string such as \"1.5s\", got %s", b)
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return fmt.Errorf("client: duration: %w", err)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// ConfigureCluster calls POST /v1/cluster/config: the leader merges req
+// into the cluster's config and answers the new one. A value the cluster
+// refuses (a timeout not positive, the suspect timeout over the lease, ...)
+// wraps api.ErrInvalid.
+func (c *Client) ConfigureCluster(ctx context.Context, req ConfigureCluster) (cluster.Config, error) {
+	var cfg cluster.Config
+	err := c.do(ctx, http.MethodPost, "/v1/cluster/config", req, &cfg)
+	return cfg, err
 }
 
 func nodePath(id api.NodeID) string { return "/v1/nodes/" + url.PathEscape(string(id)) }

@@ -36,7 +36,9 @@ func TestClusterTypesMirrorControl(t *testing.T) {
 		into any
 	}{{status, &ClusterStatus{}}, {view, &NodeView{}},
 		{control.GrantRequest{Volume: "v", Partition: 2, Role: cluster.RolePrimary, Node: "n1", Epoch: 3, Force: true}, &GrantRequest{}},
-		{control.InSyncRequest{Volume: "v", Partition: 2, Node: "n1", Epoch: 3, InSync: []api.NodeID{"n1", "n2"}}, &InSyncRequest{}}} {
+		{control.InSyncRequest{Volume: "v", Partition: 2, Node: "n1", Epoch: 3, InSync: []api.NodeID{"n1", "n2"}}, &InSyncRequest{}},
+		{control.ConfigureRequest{LeaseTimeout: ptr("1.5s"), SuspectTimeout: ptr("750ms"), MinHealth: ptr(0),
+			DefaultPartitionSize: ptr(int64(1 << 30)), DefaultReplicas: ptr(2)}, &ConfigureCluster{}}} {
 		want, err := json.Marshal(c.from)
 		if err != nil {
 			t.Fatal(err)
@@ -52,6 +54,36 @@ func TestClusterTypesMirrorControl(t *testing.T) {
 		}
 		if !bytes.Equal(got, want) {
 			t.Errorf("%T round trip:\n got %s\nwant %s", c.from, got, want)
+		}
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// TestConfigureClusterEncoding: zero fields are left out (the cluster keeps
+// them), min_health 0 is sent, durations are Go duration strings.
+func TestConfigureClusterEncoding(t *testing.T) {
+	for _, c := range []struct {
+		req  ConfigureCluster
+		want string
+	}{
+		{ConfigureCluster{}, `{}`},
+		{ConfigureCluster{LeaseTimeout: Duration(1500 * time.Millisecond)}, `{"lease_timeout":"1.5s"}`},
+		{ConfigureCluster{SuspectTimeout: Duration(750 * time.Millisecond), MinHealth: ptr(0)}, `{"suspect_timeout":"750ms","min_health":0}`},
+		{ConfigureCluster{DefaultPartitionSize: 1 << 30, DefaultReplicas: 2}, `{"default_partition_size":1073741824,"default_replicas":2}`},
+	} {
+		got, err := json.Marshal(c.req)
+		if err != nil || string(got) != c.want {
+			t.Errorf("%+v: %s %v, want %s", c.req, got, err, c.want)
+		}
+	}
+	var d Duration
+	if err := json.Unmarshal([]byte(`"2m30s"`), &d); err != nil || time.Duration(d) != 150*time.Second {
+		t.Errorf("unmarshal 2m30s: %v %v", time.Duration(d), err)
+	}
+	for _, bad := range []string{`1500000000`, `"soon"`, `""`} {
+		if err := json.Unmarshal([]byte(bad), &d); err == nil {
+			t.Errorf("unmarshal %s: no error", bad)
 		}
 	}
 }
