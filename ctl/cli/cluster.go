@@ -3,6 +3,9 @@ package cli
 // Cluster commands:
 //
 //	cluster status                          the asked node's view: leader, voters, term, commit index, health
+//	cluster configure [--lease-timeout D] [--suspect-timeout D] [--min-health N]
+//	                  [--default-replicas N] [--default-partition-size SIZE]
+//	                                        change the named settings, keep the rest
 //	node list
 //	node show ID
 //	node drain ID | undrain ID | remove ID  remove: leaves the map and the raft group
@@ -17,6 +20,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -38,7 +42,7 @@ func (a *app) clusterCommands() []*cobra.Command {
 		return c
 	}
 	return []*cobra.Command{
-		group("cluster", "Show the control plane", a.clusterStatusCommand()),
+		group("cluster", "Show and configure the control plane", a.clusterStatusCommand(), a.clusterConfigureCommand()),
 		group("node", "List, show, drain, undrain and remove nodes",
 			a.nodeListCommand(), a.nodeShowCommand(),
 			a.nodeChangeCommand("drain", "Drain a node: it sheds its primaries and gets no new replicas", (*client.Client).DrainNode),
@@ -105,6 +109,91 @@ func (a *app) clusterStatusCommand() *cobra.Command {
 		}
 		return tw.Flush()
 	})
+	return cmd
+}
+
+func (a *app) clusterConfigureCommand() *cobra.Command {
+	var lease, suspect time.Duration
+	var minHealth, replicas int
+	var partSize string
+	cmd := &cobra.Command{
+		Use:   "configure [--lease-timeout D] [--suspect-timeout D] [--min-health N] [--default-replicas N] [--default-partition-size SIZE]",
+		Short: "Change the cluster's timeouts and defaults; settings not given keep their values",
+		Long: `Change the cluster-wide settings named by the flags; the others keep their
+values. A node that misses heartbeats for the suspect timeout is isolating;
+after the lease timeout it is dead, and an in-sync secondary takes over its
+primary roles. The leader checks the leases every lease/4 or more often,
+and agents without an explicit interval heartbeat every min(1s, suspect/3):
+a shorter lease means faster failover, and more heartbeats. The suspect
+timeout may not exceed the lease.`,
+		Example: "  storctl cluster configure --lease-timeout 1.5s --suspect-timeout 750ms\n  storctl cluster configure --default-replicas 2 --default-partition-size 1G",
+		Args:    noArgs,
+	}
+	f := cmd.Flags()
+	f.DurationVar(&lease, "lease-timeout", 0, "declare a node dead after this long without a heartbeat, e.g. 1.5s")
+	f.DurationVar(&suspect, "suspect-timeout", 0, "mark a node isolating after this long without a heartbeat, e.g. 750ms")
+	f.IntVar(&minHealth, "min-health", 0, "mark a node isolating below this health score, 0-100")
+	f.IntVar(&replicas, "default-replicas", 0, fmt.Sprintf("replica count of volumes created without one, 1-%d", cluster.MaxReplicas))
+	f.StringVar(&partSize, "default-partition-size", "", "partition size of volumes created without one, e.g. 1G")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		changed := cmd.Flags().Changed
+		var req client.ConfigureCluster
+		n := 0
+		for _, d := range []struct {
+			flag string
+			v    time.Duration
+			into *client.Duration
+		}{{"lease-timeout", lease, &req.LeaseTimeout}, {"suspect-timeout", suspect, &req.SuspectTimeout}} {
+			if !changed(d.flag) {
+				continue
+			}
+			if d.v <= 0 {
+				return usagef("invalid --%s %v: want more than 0 (e.g. 1.5s)", d.flag, d.v)
+			}
+			*d.into = client.Duration(d.v)
+			n++
+		}
+		if changed("min-health") {
+			if minHealth < 0 || minHealth > 100 {
+				return usagef("invalid --min-health %d: want 0 to 100", minHealth)
+			}
+			req.MinHealth = &minHealth
+			n++
+		}
+		if changed("default-replicas") {
+			if replicas < 1 || replicas > cluster.MaxReplicas {
+				return usagef("invalid --default-replicas %d: want 1 to %d", replicas, cluster.MaxReplicas)
+			}
+			req.DefaultReplicas = replicas
+			n++
+		}
+		if changed("default-partition-size") {
+			var err error
+			if req.DefaultPartitionSize, err = parseSize("default partition size", partSize); err != nil {
+				return err
+			}
+			n++
+		}
+		if n == 0 {
+			return usagef("nothing to change: give one or more of --lease-timeout, --suspect-timeout, --min-health, --default-replicas, --default-partition-size")
+		}
+		return a.runE(func(ctx context.Context, _ []string) error {
+			cfg, err := a.c.ConfigureCluster(ctx, req)
+			if err != nil {
+				return err
+			}
+			if a.output == "json" {
+				return a.printJSON(cfg)
+			}
+			tw := a.table()
+			row(tw, "Lease timeout", cfg.LeaseTimeout.String())
+			row(tw, "Suspect timeout", cfg.SuspectTimeout.String())
+			row(tw, "Min health", strconv.Itoa(cfg.MinHealth))
+			row(tw, "Default replicas", strconv.Itoa(cfg.DefaultReplicas))
+			row(tw, "Default partition size", api.FormatSize(cfg.DefaultPartitionSize))
+			return tw.Flush()
+		})(cmd, args)
+	}
 	return cmd
 }
 

@@ -146,6 +146,73 @@ func TestClusterCommands(t *testing.T) {
 	}
 }
 
+func TestClusterConfigure(t *testing.T) {
+	e := clusterEnv(t)
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want []string // in stdout (exit 0) or stderr
+	}{
+		{name: "timeouts", args: []string{"--lease-timeout", "1.5s", "--suspect-timeout", "750ms"}, want: []string{
+			"Lease timeout:           1.5s", "Suspect timeout:         750ms", "Min health:              20",
+			"Default replicas:        3", "Default partition size:  1GiB"}},
+		// Later changes keep the earlier ones.
+		{name: "defaults", args: []string{"--default-replicas", "2", "--default-partition-size", "2G"}, want: []string{
+			"Lease timeout:           1.5s", "Default replicas:        2", "Default partition size:  2GiB"}},
+		{name: "min health 0", args: []string{"--min-health", "0"}, want: []string{"Min health:              0", "Suspect timeout:         750ms"}},
+		{name: "no flag", code: 2, want: []string{"storctl: cluster configure: nothing to change: give one or more of --lease-timeout"}},
+		{name: "zero lease", args: []string{"--lease-timeout", "0"}, code: 2, want: []string{"invalid --lease-timeout 0s: want more than 0"}},
+		{name: "negative suspect", args: []string{"--suspect-timeout", "-1s"}, code: 2, want: []string{"invalid --suspect-timeout -1s"}},
+		{name: "bad duration", args: []string{"--lease-timeout", "soon"}, code: 2, want: []string{`invalid value "soon" for --lease-timeout`}},
+		{name: "bad health", args: []string{"--min-health", "101"}, code: 2, want: []string{"invalid --min-health 101: want 0 to 100"}},
+		{name: "bad replicas", args: []string{"--default-replicas", "0"}, code: 2, want: []string{"invalid --default-replicas 0: want 1 to 7"}},
+		{name: "bad size", args: []string{"--default-partition-size", "lots"}, code: 2, want: []string{"invalid default partition size"}},
+		{name: "argument", args: []string{"fast"}, code: 2, want: []string{`unexpected argument "fast"`}},
+		// The cluster's own rules: refused by the server, one line, exit 1.
+		{name: "suspect over lease", args: []string{"--suspect-timeout", "20s"}, code: 1, want: []string{
+			"storctl: cluster configure: ", "suspect timeout 20s exceeds lease timeout 1.5s"}},
+		{name: "small partitions", args: []string{"--default-partition-size", "4K"}, code: 1, want: []string{"default partition size 4096 below"}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			code, stdout, stderr := e.storctl(t, append([]string{"cluster", "configure"}, tc.args...)...)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d\nstdout:\n%s\nstderr:\n%s", code, tc.code, stdout, stderr)
+			}
+			out := stdout
+			if tc.code != 0 {
+				out = stderr
+				if strings.Count(strings.TrimSpace(stderr), "\n") > 0 {
+					t.Errorf("stderr is more than one line:\n%s", stderr)
+				}
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(out, w) {
+					t.Errorf("output lacks %q:\n%s", w, out)
+				}
+			}
+		})
+	}
+
+	// --output json prints the cluster's config as the API answers it
+	// (durations in nanoseconds), and cluster status shows the same.
+	code, stdout, stderr := e.storctl(t, "cluster", "configure", "--lease-timeout", "2s", "-o", "json")
+	var cfg cluster.Config
+	if err := json.Unmarshal([]byte(stdout), &cfg); code != 0 || err != nil {
+		t.Fatalf("configure -o json: exit %d, %v\n%s%s", code, err, stdout, stderr)
+	}
+	want := cluster.Config{LeaseTimeout: 2 * time.Second, SuspectTimeout: 750 * time.Millisecond, MinHealth: 0, DefaultPartitionSize: 2 << 30, DefaultReplicas: 2}
+	if cfg != want || !strings.Contains(stdout, `"lease_timeout": 2000000000`) {
+		t.Errorf("configure -o json: %+v, want %+v\n%s", cfg, want, stdout)
+	}
+	_, stdout, _ = e.storctl(t, "cluster", "status", "-o", "json")
+	var st client.ClusterStatus
+	if err := json.Unmarshal([]byte(stdout), &st); err != nil || st.Config != want {
+		t.Errorf("status after configure: %v %+v, want %+v", err, st.Config, want)
+	}
+}
+
 // TestClusterCommandsOnDev: against an API without the cluster routes
 // (stord dev), the cluster commands fail with one line and volume show
 // prints the volume alone.
@@ -154,6 +221,10 @@ func TestClusterCommandsOnDev(t *testing.T) {
 	code, _, stderr := e.storctl(t, "cluster", "status")
 	if code != 1 || !strings.Contains(stderr, "storctl: cluster status:") {
 		t.Errorf("cluster status on dev: exit %d, stderr %q", code, stderr)
+	}
+	code, _, stderr = e.storctl(t, "cluster", "configure", "--lease-timeout", "2s")
+	if code != 1 || !strings.Contains(stderr, "storctl: cluster configure:") {
+		t.Errorf("cluster configure on dev: exit %d, stderr %q", code, stderr)
 	}
 	code, stdout, stderr := e.storctl(t, "volume", "show", "vol0")
 	if code != 0 || strings.Contains(stdout, "PARTITION") || !strings.Contains(stdout, "vol0") {
