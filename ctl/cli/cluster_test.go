@@ -86,7 +86,7 @@ func TestClusterCommands(t *testing.T) {
 		{name: "grant list", args: []string{"grant", "list"}, want: []string{"VOLUME  PARTITION  ROLE", "v1      0          primary"}},
 		{name: "grant list/json", args: []string{"grant", "list", "--volume", "v1", "-o", "json"}, want: []string{`"role": "primary"`}, json: &[]cluster.Grant{}},
 		{name: "grant list bad volume", args: []string{"grant", "list", "--volume", "Bad!"}, code: 2, want: []string{"invalid --volume"}},
-		{name: "volume show placement", args: []string{"volume", "show", "v1"}, want: []string{"Replication:", "issue 5", "PARTITION  EPOCH  PRIMARY  SECONDARIES", "0          1"}},
+		{name: "volume show placement", args: []string{"volume", "show", "v1"}, want: []string{"Replication:", "in-sync replica", "PARTITION  EPOCH  PRIMARY  SECONDARIES", "0          1"}},
 		{name: "unknown subcommand", args: []string{"node", "frob"}, code: 2, want: []string{`unknown command "frob"`}},
 	}
 	for _, tc := range tests {

@@ -24,6 +24,17 @@ func (n *Node) Attached(name string) int {
 	return n.mu.attached[name]
 }
 
+// Connections returns the number of devices open on every volume.
+func (n *Node) Connections() int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, a := range n.mu.attached {
+		c += a
+	}
+	return c
+}
+
 type catalog struct{ n *Node }
 
 func (c catalog) List(ctx context.Context) ([]target.Export, error) {
