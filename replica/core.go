@@ -387,6 +387,29 @@ func (c *Core) InSync() []api.NodeID {
 	return s
 }
 
+// PeerProgress is what a primary knows of one peer.
+type PeerProgress struct {
+	ID       api.NodeID
+	Match    api.OpNum // the peer's log matches the primary's up to here
+	Synced   api.OpNum // fsynced on the peer up to here
+	InSync   bool      // in the commit quorum (granted, or asked for)
+	NeedSnap bool      // only a snapshot can bring it up to date
+}
+
+// Progress reports, on a primary, every peer's progress, in the order of
+// its promotion (nil on a secondary).
+func (c *Core) Progress() []PeerProgress {
+	if c.role != RolePrimary {
+		return nil
+	}
+	out := make([]PeerProgress, 0, len(c.order))
+	for _, id := range c.order {
+		p := c.peers[id]
+		out = append(out, PeerProgress{ID: id, Match: p.match, Synced: p.synced, InSync: p.quorum(), NeedSnap: p.needSnap})
+	}
+	return out
+}
+
 // Blessed reports whether a primary holds a solo blessing.
 func (c *Core) Blessed() bool { return c.blessed }
 

@@ -260,7 +260,9 @@ type ReplicaStatus struct {
 	Applied api.OpNum // applied to the extent map
 	Last    api.OpNum // last entry of the log (notes included)
 	InSync  []api.NodeID
-	Dropped uint64 // inbound messages dropped (queue full)
+	Peers   []PeerProgress // on a primary: every peer's progress
+	Blessed bool           // on a primary: it holds a solo blessing
+	Dropped uint64         // inbound messages dropped (queue full)
 	Err     error  // the failure that stopped the Replica, if any
 }
 
@@ -753,7 +755,7 @@ func (r *Replica) drain() {
 func (r *Replica) publish() {
 	c := r.core
 	r.status.Store(&ReplicaStatus{Role: c.Role(), Epoch: c.Epoch(), Primary: c.Primary(), Commit: c.Commit(),
-		Applied: r.applied, Last: c.LastIndex(), InSync: c.InSync()})
+		Applied: r.applied, Last: c.LastIndex(), InSync: c.InSync(), Peers: c.Progress(), Blessed: c.Blessed()})
 }
 
 // fail stops driving the Core: the partition may now disagree with it.

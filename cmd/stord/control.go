@@ -33,10 +33,11 @@ func startControl(n *node) (*controlRole, error) {
 }
 
 // handler serves the cluster routes and the volume API (over the cluster
-// map), both answered by the leader; /v1/status and /metrics are this
-// node's own.
-func (c *controlRole) handler(status func(context.Context) (api.Status, error), metrics http.Handler) http.Handler {
+// map), both answered by the leader; /v1/status, /v1/replicas and /metrics
+// are this node's own.
+func (c *controlRole) handler(status func(context.Context) (api.Status, error), metrics http.Handler, replicas http.HandlerFunc) http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/replicas", replicas)
 	control.MountCluster(mux, control.NewClusterHandler(c.node, c.cfg))
 	mux.Handle("/", control.LeaderOnly(c.node, control.NewHandler(control.HandlerConfig{
 		Volumes: control.ClusterVolumes{Node: c.node}, Status: status, Metrics: metrics, Logger: c.cfg.Logger,

@@ -160,6 +160,27 @@ func TestClusterReplicatedFailover(t *testing.T) {
 	if w.Placement[0].Epoch <= v.Placement[0].Epoch {
 		t.Fatalf("partition 0 at epoch %d after the failover, was %d", w.Placement[0].Epoch, v.Placement[0].Epoch)
 	}
+	// The primaries report their replacement secondaries rebuilt.
+	var rows []struct {
+		Partition int     `json:"partition"`
+		Replica   string  `json:"replica"`
+		State     string  `json:"state"`
+		Done      uint64  `json:"done"`
+		Total     uint64  `json:"total"`
+		Percent   float64 `json:"percent"`
+	}
+	c.mustJSON(exporter, &rows, "volume", "rebuild-status", "v", "--wait", "60s")
+	if len(rows) != len(w.Placement) {
+		t.Fatalf("rebuild-status: %d rows for %d partitions: %+v", len(rows), len(w.Placement), rows)
+	}
+	for _, r := range rows {
+		if r.State != "in-sync" || r.Percent != 100 || r.Done != r.Total || r.Total == 0 {
+			t.Errorf("rebuild-status after the rebuild: %+v", r)
+		}
+	}
+	if r := c.storctl(exporter, "volume", "rebuild-status", "v"); r.err != nil || !strings.Contains(r.stdout, "[####################] 100.0%") {
+		t.Errorf("rebuild-status table: %v\n%s%s", r.err, r.stdout, r.stderr)
+	}
 
 	// Phase 2: the killed node restarts; then drain a node holding
 	// primaries, not the exporter.

@@ -501,9 +501,10 @@ func (n *node) checkIn(ctx context.Context, spec cluster.NodeSpec, self bool) er
 func (n *node) handler() http.Handler {
 	metrics := promhttpHandler(n.reg)
 	if n.ctl != nil {
-		return n.ctl.handler(n.status, metrics)
+		return n.ctl.handler(n.status, metrics, n.replicas)
 	}
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/replicas", n.replicas)
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) {
 		st, _ := n.status(r.Context())
 		b, _ := json.MarshalIndent(st, "", "  ")
@@ -516,6 +517,17 @@ func (n *node) handler() http.Handler {
 			api.ErrNotFound, n.id, r.Method, r.URL.Path, strings.Join(n.f.join, ", ")))
 	})
 	return mux
+}
+
+// replicas is GET /v1/replicas: the partition replicas this node holds.
+func (n *node) replicas(w http.ResponseWriter, r *http.Request) {
+	out := []api.ReplicaStatus{}
+	if n.exp != nil {
+		out = n.exp.data.Status()
+	}
+	b, _ := json.MarshalIndent(out, "", "  ")
+	w.Header().Set("Content-Type", "application/json")
+	w.Write(append(b, '\n'))
 }
 
 // status is GET /v1/status: this node's view.

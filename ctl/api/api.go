@@ -121,6 +121,31 @@ type Status struct {
 	Connected int      `json:"connections"`
 }
 
+// ReplicaStatus is one partition replica a head node holds: the answer of
+// GET /v1/replicas on that node is a list of them, by volume and partition.
+type ReplicaStatus struct {
+	Volume    string       `json:"volume"`
+	Partition PartitionID  `json:"partition"`
+	Role      string       `json:"role"` // primary or secondary (as the replica sees itself)
+	Epoch     Epoch        `json:"epoch"`
+	Primary   NodeID       `json:"primary,omitempty"` // the primary it knows of
+	Commit    OpNum        `json:"commit"`            // commit index
+	Applied   OpNum        `json:"applied"`
+	Last      OpNum        `json:"last"` // last op in its log (notes included)
+	Solo      bool         `json:"solo,omitempty"`
+	Peers     []PeerStatus `json:"peers,omitempty"` // on a primary
+	Error     string       `json:"error,omitempty"` // the failure that stopped it
+}
+
+// PeerStatus is a primary's view of one peer: it holds the primary's log up
+// to Match (of the primary's Last: its rebuild progress).
+type PeerStatus struct {
+	Node         NodeID `json:"node"`
+	Match        OpNum  `json:"match"`
+	InSync       bool   `json:"in_sync"`
+	NeedSnapshot bool   `json:"need_snapshot,omitempty"`
+}
+
 // Limits on volumes.
 const (
 	DefaultPartitionSize = 1 << 30

@@ -9,8 +9,10 @@
 //	volume delete NAME [--force]              --force: even while connected
 //	volume chap NAME --user U --secret S [--mutual-user U --mutual-secret S] | --disable
 //	                 (--secret-file F, --mutual-secret-file F read a secret from a file)
+//	volume rebuild-status NAME [--wait D]     replicas' rebuild progress (cluster.go)
 //	status
 //	cluster status                            leader, voters, term, commit index, health (cluster.go)
+//	cluster configure [--lease-timeout D] [--suspect-timeout D] [--min-health N] [--default-replicas N] ...
 //	node list | show ID | drain ID | undrain ID | remove ID
 //	grant list [--node ID] [--volume NAME]
 //
@@ -188,7 +190,7 @@ Exit codes: 0 ok, 1 the operation failed, 2 the command line is wrong.`,
 		Args:  unknownSubcommand,
 		RunE:  func(cmd *cobra.Command, _ []string) error { return cmd.Help() },
 	}
-	vol.AddCommand(a.createCommand(), a.listCommand(), a.showCommand(), a.resizeCommand(), a.deleteCommand(), a.chapCommand())
+	vol.AddCommand(a.createCommand(), a.listCommand(), a.showCommand(), a.resizeCommand(), a.deleteCommand(), a.chapCommand(), a.rebuildStatusCommand())
 	root.AddCommand(vol, a.statusCommand())
 	root.AddCommand(a.clusterCommands()...)
 	return root

@@ -18,6 +18,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -452,4 +454,147 @@ func formatCounts(m map[string]int) string {
 		return "none"
 	}
 	return strings.Join(parts, ", ")
+}
+
+// rebuildRow is one replica of one partition in `volume rebuild-status`.
+type rebuildRow struct {
+	Partition api.PartitionID `json:"partition"`
+	Primary   api.NodeID      `json:"primary"`
+	Epoch     api.Epoch       `json:"epoch"`
+	Replica   api.NodeID      `json:"replica"`
+	State     string          `json:"state"` // in-sync, rebuilding, waiting, unknown
+	Done      api.OpNum       `json:"done"`  // ops of the primary's log it holds
+	Total     api.OpNum       `json:"total"` // ops in the primary's log
+	Percent   float64         `json:"percent"`
+	Note      string          `json:"note,omitempty"`
+}
+
+func (a *app) rebuildStatusCommand() *cobra.Command {
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:   "rebuild-status NAME",
+		Short: "Show the rebuild progress of a volume's replicas",
+		Long: `Show, for every partition of a volume, each secondary's state as its
+primary sees it: in sync, or rebuilding with the share of the primary's log
+it holds (a progress bar). With --wait DURATION it polls until every replica
+is in sync, and fails if that takes longer.`,
+		Example: "  storctl volume rebuild-status db1\n  storctl volume rebuild-status db1 --wait 5m",
+		Args:    oneName,
+	}
+	cmd.Flags().DurationVar(&wait, "wait", 0, "poll until every replica is in sync, up to this long")
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		if wait < 0 {
+			return usagef("invalid --wait %v: want 0 or more", wait)
+		}
+		ctx, cancel := context.WithTimeout(cmd.Context(), a.timeout+wait)
+		defer cancel()
+		deadline := time.Now().Add(wait)
+		for {
+			rows, err := a.rebuildRows(ctx, args[0])
+			if err != nil {
+				return &opError{err}
+			}
+			synced := !slices.ContainsFunc(rows, func(r rebuildRow) bool { return r.State != "in-sync" })
+			if wait == 0 || synced || time.Now().After(deadline) {
+				if err := a.printRebuild(rows); err != nil {
+					return &opError{err}
+				}
+				if wait > 0 && !synced {
+					return &opError{fmt.Errorf("volume %s: replicas still rebuilding after %v", args[0], wait)}
+				}
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return &opError{ctx.Err()}
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}
+	return cmd
+}
+
+// rebuildRows asks the primary of every partition of volume how far its
+// peers are.
+func (a *app) rebuildRows(ctx context.Context, volume string) ([]rebuildRow, error) {
+	cv, err := a.c.ClusterVolume(ctx, volume)
+	if err != nil {
+		return nil, err
+	}
+	nodes, err := a.c.Nodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	apiOf := map[api.NodeID]string{}
+	for _, n := range nodes {
+		apiOf[n.ID] = n.Addr.API
+	}
+	held := map[api.NodeID][]api.ReplicaStatus{}
+	asked := map[api.NodeID]error{}
+	var rows []rebuildRow
+	for _, p := range cv.Partitions {
+		var st *api.ReplicaStatus
+		if p.Primary != "" {
+			if _, ok := asked[p.Primary]; !ok {
+				hc := &http.Client{Timeout: 5 * time.Second}
+				held[p.Primary], asked[p.Primary] = client.New("http://"+apiOf[p.Primary], hc).Replicas(ctx)
+			}
+			for i, r := range held[p.Primary] {
+				if r.Volume == volume && r.Partition == p.Index {
+					st = &held[p.Primary][i]
+				}
+			}
+		}
+		for _, sec := range p.Secondaries {
+			row := rebuildRow{Partition: p.Index, Primary: p.Primary, Epoch: p.Epoch, Replica: sec, State: "unknown"}
+			switch {
+			case p.Primary == "":
+				row.Note = "no primary: waiting for failover"
+			case asked[p.Primary] != nil:
+				row.Note = fmt.Sprintf("primary %s did not answer: %v", p.Primary, asked[p.Primary])
+			case st == nil || st.Role != "primary" || st.Epoch != p.Epoch:
+				row.State, row.Note = "waiting", fmt.Sprintf("%s is not serving as primary at epoch %d yet", p.Primary, p.Epoch)
+			default:
+				row.Total = st.Last
+				row.State, row.Note = "waiting", "not a peer of the primary yet"
+				for _, peer := range st.Peers {
+					if peer.Node != sec {
+						continue
+					}
+					row.Done, row.State, row.Note = min(peer.Match, st.Last), "rebuilding", ""
+					if peer.InSync && slices.Contains(p.InSync, sec) {
+						row.State = "in-sync"
+					}
+					if peer.NeedSnapshot {
+						row.Note = "needs a snapshot of the primary's state (not supported yet)"
+					}
+				}
+			}
+			if row.Total > 0 {
+				row.Percent = 100 * float64(row.Done) / float64(row.Total)
+			} else if row.State == "in-sync" {
+				row.Percent = 100
+			}
+			rows = append(rows, row)
+		}
+	}
+	return rows, nil
+}
+
+func (a *app) printRebuild(rows []rebuildRow) error {
+	if rows == nil {
+		rows = []rebuildRow{}
+	}
+	if a.output == "json" {
+		return a.printJSON(rows)
+	}
+	tw := a.table()
+	fmt.Fprintln(tw, "PARTITION\tPRIMARY\tEPOCH\tREPLICA\tSTATE\tPROGRESS\tNOTE")
+	for _, r := range rows {
+		const width = 20
+		bar := strings.Repeat("#", int(r.Percent/100*width)) + strings.Repeat(".", width-int(r.Percent/100*width))
+		fmt.Fprintf(tw, "%d\t%s\t%d\t%s\t%s\t[%s] %5.1f%% (%d/%d ops)\t%s\n", r.Partition, dash(string(r.Primary)), r.Epoch,
+			r.Replica, r.State, bar, r.Percent, r.Done, r.Total, dash(r.Note))
+	}
+	return tw.Flush()
 }

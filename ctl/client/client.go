@@ -130,6 +130,16 @@ func (c *Client) SetCHAP(ctx context.Context, name string, req api.SetCHAP) erro
 	return c.do(ctx, http.MethodPost, volumePath(name)+"/chap", req, nil)
 }
 
+// Replicas answers GET /v1/replicas: the partition replicas the node asked
+// holds (none on a node without the head role).
+func (c *Client) Replicas(ctx context.Context) ([]api.ReplicaStatus, error) {
+	out := []api.ReplicaStatus{}
+	if err := c.do(ctx, http.MethodGet, "/v1/replicas", nil, &out); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func volumePath(name string) string { return "/v1/volumes/" + url.PathEscape(name) }
 
 // do sends one request with body (if not nil) as JSON and decodes a 2xx

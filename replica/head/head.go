@@ -278,6 +278,36 @@ func (h *held) close() error {
 	return errors.Join(err, h.part.Close())
 }
 
+// Status returns every Replica the node holds, by volume and partition.
+func (n *Node) Status() []api.ReplicaStatus {
+	n.mu.Lock()
+	reps := make([]*held, 0, len(n.mu.reps))
+	for _, h := range n.mu.reps {
+		reps = append(reps, h)
+	}
+	n.mu.Unlock()
+	out := make([]api.ReplicaStatus, 0, len(reps))
+	for _, h := range reps {
+		st := h.rep.Status()
+		rs := api.ReplicaStatus{Volume: h.volume, Partition: h.index, Role: st.Role.String(), Epoch: st.Epoch, Primary: st.Primary,
+			Commit: st.Commit, Applied: st.Applied, Last: st.Last, Solo: st.Blessed}
+		for _, p := range st.Peers {
+			rs.Peers = append(rs.Peers, api.PeerStatus{Node: p.ID, Match: p.Match, InSync: p.InSync, NeedSnapshot: p.NeedSnap})
+		}
+		if st.Err != nil {
+			rs.Error = st.Err.Error()
+		}
+		out = append(out, rs)
+	}
+	slices.SortFunc(out, func(a, b api.ReplicaStatus) int {
+		if a.Volume != b.Volume {
+			return strings.Compare(a.Volume, b.Volume)
+		}
+		return int(a.Partition) - int(b.Partition)
+	})
+	return out
+}
+
 // syncJournals is the metastore's BeforeFlush hook: every journal durable
 // before the extent maps that point into it.
 func (n *Node) syncJournals() {
