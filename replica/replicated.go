@@ -263,7 +263,7 @@ type ReplicaStatus struct {
 	Peers   []PeerProgress // on a primary: every peer's progress
 	Blessed bool           // on a primary: it holds a solo blessing
 	Dropped uint64         // inbound messages dropped (queue full)
-	Err     error  // the failure that stopped the Replica, if any
+	Err     error          // the failure that stopped the Replica, if any
 }
 
 // request is one client call in flight.

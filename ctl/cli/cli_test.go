@@ -170,7 +170,7 @@ func TestErrors(t *testing.T) {
 			`storctl: volume create: invalid value "two" for --replicas: invalid syntax`},
 		{"unknown-flag", []string{"volume", "create", "x", "--sise", "1G"}, 2, `storctl: volume create: unknown flag: --sise`},
 		{"unknown-command", []string{"volum", "list"}, 2, `storctl: unknown command "volum" for "storctl"; did you mean "volume"?`},
-		{"unknown-subcommand", []string{"volume", "grow"}, 2, `storctl: volume: unknown command "grow" (want one of chap, create, delete, list, resize, show)`},
+		{"unknown-subcommand", []string{"volume", "grow"}, 2, `storctl: volume: unknown command "grow" (want one of chap, create, delete, list, rebuild-status, resize, show)`},
 		{"list-arg", []string{"volume", "list", "x"}, 2, `storctl: volume list: unexpected argument "x"`},
 		{"bad-output", []string{"-o", "yaml", "status"}, 2, `storctl: status: invalid --output "yaml": want table or json`},
 		{"bad-api", []string{"--api", "ftp://x", "status"}, 2, `storctl: status: invalid API URL "ftp://x": want http://HOST:PORT`},
