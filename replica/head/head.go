@@ -39,7 +39,15 @@
 //     or released the role) is claimed by its in-sync secondaries: the
 //     control plane grants the first request (ctl/cluster's grant rules),
 //     and the winner is promoted at the new epoch. The old primary, if it
-//     still runs, is fenced by the epoch (see replica/core.go).
+//     still runs, is fenced by the epoch (see replica/core.go). A replica
+//     on an isolating node (late heartbeats, low health) claims only when
+//     no in-sync replica is on an active node and it has the best health
+//     of those isolating (dual isolation: mayClaim); alone in sync, it
+//     gets a solo blessing, and the replacement the map places on a
+//     healthy node rebuilds from it.
+//   - Solo blessing. A primary with no in-sync peer acknowledges nothing
+//     until the control plane blesses it for its epoch (the bridge asks
+//     on the Core's behalf); a peer back in sync releases the blessing.
 //   - Drain. A primary on a draining node releases the role when another
 //     replica is in sync; an in-sync secondary then claims it. Clients
 //     retry their pending ops on the new primary (stall, not error).
@@ -428,6 +436,10 @@ func (n *Node) reconcile(ctx context.Context) {
 	if !n.cfg.Head {
 		return
 	}
+	byID := make(map[api.NodeID]cluster.Node, len(nodes))
+	for _, nd := range nodes {
+		byID[nd.ID] = nd
+	}
 
 	// Which partitions the node holds.
 	type wanted struct {
@@ -491,7 +503,7 @@ func (n *Node) reconcile(ctx context.Context) {
 			n.log.Error("cannot open a replica", "volume", w.v.Name, "partition", w.p.Index, "err", err)
 			continue
 		}
-		n.drive(rctx, h, w.v, w.p, self)
+		n.drive(rctx, h, w.v, w.p, self, byID)
 	}
 }
 
@@ -560,9 +572,40 @@ func (n *Node) destroy(ctx context.Context, h *held) error {
 	return err
 }
 
+// mayClaim reports whether self, an in-sync replica of p, should claim
+// p's free primary role: always from an active node; from an isolating
+// one (late heartbeats or a low health score) only when no other in-sync
+// replica is on an active node and none on an isolating node has a better
+// health score (ties: the lower id) — dual isolation: both replicas'
+// hosts isolating, the healthier one serves rather than none.
+func mayClaim(p *cluster.Partition, self cluster.Node, nodes map[api.NodeID]cluster.Node) bool {
+	switch self.State {
+	case cluster.StateActive:
+		return true
+	case cluster.StateIsolating:
+	default:
+		return false
+	}
+	for _, id := range p.InSync {
+		o, ok := nodes[id]
+		if id == self.ID || !ok {
+			continue
+		}
+		switch o.State {
+		case cluster.StateActive:
+			return false
+		case cluster.StateIsolating:
+			if o.Health > self.Health || o.Health == self.Health && o.ID < self.ID {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 // drive makes a held Replica's role what the map says (see Promotion,
 // Failover and Drain in the package doc).
-func (n *Node) drive(ctx context.Context, h *held, v *cluster.Volume, p *cluster.Partition, self cluster.Node) {
+func (n *Node) drive(ctx context.Context, h *held, v *cluster.Volume, p *cluster.Partition, self cluster.Node, nodes map[api.NodeID]cluster.Node) {
 	st := h.rep.Status()
 	draining := self.State == cluster.StateDraining
 	peers := slices.DeleteFunc(slices.Clone(p.Secondaries), func(id api.NodeID) bool { return id == n.cfg.Self })
@@ -583,7 +626,7 @@ func (n *Node) drive(ctx context.Context, h *held, v *cluster.Volume, p *cluster
 			h.epoch, h.peers = g.Epoch, peers
 			n.log.Info("primary at a new epoch", "volume", v.Name, "partition", p.Index, "epoch", g.Epoch, "peers", peers)
 		}
-	case p.Primary == "" && !draining && self.State == cluster.StateActive && slices.Contains(p.InSync, n.cfg.Self):
+	case p.Primary == "" && !draining && slices.Contains(p.InSync, n.cfg.Self) && mayClaim(p, self, nodes):
 		g, err := n.cfg.Control.Acquire(ctx, client.GrantRequest{Volume: v.Name, Partition: p.Index, Role: cluster.RolePrimary, Node: n.cfg.Self})
 		if err != nil {
 			n.log.Info("claiming the primary role", "volume", v.Name, "partition", p.Index, "err", err)

@@ -29,8 +29,9 @@ import (
 type mapControl struct {
 	mu    sync.Mutex
 	m     *cluster.Map
-	alive map[api.NodeID]bool
-	calls atomic.Int64
+	alive  map[api.NodeID]bool
+	health map[api.NodeID]int // heartbeat health; 0: 100
+	calls  atomic.Int64
 }
 
 func (f *mapControl) apply(c cluster.Command) (cluster.Result, error) {
@@ -112,15 +113,18 @@ func (f *mapControl) heartbeats(ctx context.Context, wg *sync.WaitGroup) {
 	since := time.Now().UTC()
 	for {
 		f.mu.Lock()
-		ids := make([]api.NodeID, 0, len(f.alive))
+		beats := map[api.NodeID]int{}
 		for id, ok := range f.alive {
 			if ok {
-				ids = append(ids, id)
+				beats[id] = 100
+				if h, ok := f.health[id]; ok {
+					beats[id] = h
+				}
 			}
 		}
 		f.mu.Unlock()
-		for _, id := range ids {
-			f.apply(cluster.Command{Op: cluster.OpHeartbeat, Node: id, Health: 100})
+		for id, h := range beats {
+			f.apply(cluster.Command{Op: cluster.OpHeartbeat, Node: id, Health: h})
 		}
 		f.apply(cluster.Command{Op: cluster.OpTick, Since: since})
 		select {
@@ -151,7 +155,7 @@ func newTestCluster(t *testing.T, n int) *testCluster {
 	if _, err := m.Apply(cluster.Command{Op: cluster.OpConfigure, Config: &cfg}); err != nil {
 		t.Fatal(err)
 	}
-	tc := &testCluster{t: t, ctl: &mapControl{m: m, alive: map[api.NodeID]bool{}}, nodes: map[api.NodeID]*Node{}, fs: map[api.NodeID]vfs.FS{}}
+	tc := &testCluster{t: t, ctl: &mapControl{m: m, alive: map[api.NodeID]bool{}, health: map[api.NodeID]int{}}, nodes: map[api.NodeID]*Node{}, fs: map[api.NodeID]vfs.FS{}}
 	for i := 1; i <= n; i++ {
 		id := api.NodeID(fmt.Sprintf("n%d", i))
 		tc.fs[id] = vfs.NewMem()
@@ -377,5 +381,74 @@ func TestReplicatedVolume(t *testing.T) {
 	}
 	if !errors.Is(func() error { _, err := tc.nodes[exporter].Catalog().Open(ctx, "nope"); return err }(), target.ErrNotFound) {
 		t.Fatal("an unknown volume opened")
+	}
+}
+
+// TestDualIsolation: the secondary's host is isolating (health below the
+// cluster's minimum) when the primary's host dies: the isolating replica,
+// the only one in sync, takes over with a solo blessing and serves; the
+// replacement placed on the healthy node rebuilds and joins the in-sync
+// set, which releases the blessing. Nothing written is lost.
+func TestDualIsolation(t *testing.T) {
+	tc := newTestCluster(t, 3)
+	const size = 1 << 20
+	if _, err := tc.ctl.apply(cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{
+		Name: "v", Size: size, PartitionSize: size, Replicas: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	v := tc.ctl.volume(t, "v")
+	primary, sec := v.Partitions[0].Primary, v.Partitions[0].Secondaries[0]
+	var healthy api.NodeID
+	for id := range tc.nodes {
+		if id != primary && id != sec {
+			healthy = id
+		}
+	}
+	dev := tc.open(healthy, "v")
+	defer dev.Close()
+	ctx := context.Background()
+	data := bytes.Repeat([]byte("dual isolation."), size/15+1)[:size]
+	if err := dev.WriteAt(ctx, data, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	tc.ctl.mu.Lock()
+	tc.ctl.health[sec] = 5
+	tc.ctl.mu.Unlock()
+	waitFor(t, "the secondary's node isolating", func() bool {
+		nd, _ := func() (cluster.Node, bool) { tc.ctl.mu.Lock(); defer tc.ctl.mu.Unlock(); return tc.ctl.m.Node(sec) }()
+		return nd.State == cluster.StateIsolating
+	})
+	tc.kill(primary)
+	waitFor(t, "the isolating secondary primary with a solo blessing", func() bool {
+		p := tc.ctl.volume(t, "v").Partitions[0]
+		return p.Primary == sec && p.Solo != nil && p.Solo.Node == sec
+	})
+	// It serves: a write and a read through the healthy node's catalog.
+	patch := bytes.Repeat([]byte{0xa5}, 8192)
+	if err := dev.WriteAt(ctx, patch, 4096, true); err != nil {
+		t.Fatal(err)
+	}
+	copy(data[4096:], patch)
+	waitFor(t, "the replacement on the healthy node in sync, the blessing released", func() bool {
+		p := tc.ctl.volume(t, "v").Partitions[0]
+		return p.Primary == sec && slices.Contains(p.InSync, healthy) && p.Solo == nil
+	})
+	got := make([]byte, size)
+	if err := dev.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("data differs after the dual-isolation recovery")
+	}
+	// The rebuilt replica holds the same: make it the primary.
+	tc.kill(sec)
+	waitFor(t, "the rebuilt replica primary", func() bool {
+		return tc.ctl.volume(t, "v").Partitions[0].Primary == healthy
+	})
+	if err := dev.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the rebuilt replica's data differs")
 	}
 }
