@@ -27,8 +27,8 @@ import (
 // alive fresh and ticks, so a node taken out of alive is declared dead
 // after the map's lease.
 type mapControl struct {
-	mu    sync.Mutex
-	m     *cluster.Map
+	mu     sync.Mutex
+	m      *cluster.Map
 	alive  map[api.NodeID]bool
 	health map[api.NodeID]int // heartbeat health; 0: 100
 	calls  atomic.Int64
