@@ -103,6 +103,8 @@ const ControlID api.NodeID = "ctl"
 const (
 	DefaultPoll           = 200 * time.Millisecond
 	DefaultAttemptTimeout = 500 * time.Millisecond
+	DefaultPeerTimeout    = time.Second
+	heartbeatEvery        = 50 * time.Millisecond // a primary's empty appends
 )
 
 // Control is what the node needs of the control plane (ctl/client's
@@ -132,6 +134,12 @@ type Config struct {
 	Tick time.Duration
 	// AttemptTimeout of the Clients; 0: DefaultAttemptTimeout.
 	AttemptTimeout time.Duration
+	// PeerTimeout: a primary that has not heard from an in-sync peer for
+	// this long asks to drop it from the in-sync set (and then for a solo
+	// blessing); 0: DefaultPeerTimeout. Writes stall for about this long
+	// when a secondary dies; too short, and a pause (GC, a slow disk)
+	// takes a healthy secondary out of sync.
+	PeerTimeout time.Duration
 	// SegmentSize of the journals; 0: the partition default.
 	SegmentSize int64
 }
@@ -207,6 +215,12 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	if cfg.AttemptTimeout <= 0 {
 		cfg.AttemptTimeout = DefaultAttemptTimeout
+	}
+	if cfg.PeerTimeout <= 0 {
+		cfg.PeerTimeout = DefaultPeerTimeout
+	}
+	if cfg.Tick <= 0 {
+		cfg.Tick = replica.DefaultTick
 	}
 	if cfg.FS == nil {
 		cfg.FS = vfs.Default
@@ -540,7 +554,9 @@ func (n *Node) hold(ctx context.Context, k uint32, v *cluster.Volume, p *cluster
 		return nil, err
 	}
 	rep, err := replica.OpenReplica(ctx, part, replica.ReplicaConfig{
-		Core: replica.CoreConfig{ID: n.cfg.Self, Partition: api.PartitionID(k), Control: ControlID},
+		Core: replica.CoreConfig{ID: n.cfg.Self, Partition: api.PartitionID(k), Control: ControlID,
+			HeartbeatTicks:   max(1, int(heartbeatEvery/n.cfg.Tick)),
+			PeerTimeoutTicks: max(2, int(n.cfg.PeerTimeout/n.cfg.Tick))},
 		Send: n.send, Tick: n.cfg.Tick, Size: partSize(v, p.Index),
 		Logger: n.log.With("volume", v.Name, "partition", p.Index),
 	})
