@@ -371,6 +371,7 @@ func (a *app) printGrants(gs []cluster.Grant) error {
 type placedVolume struct {
 	api.Volume
 	Placement   []cluster.Partition `json:"partitions,omitempty"` // in LBA order
+	Rebuild     []rebuildRow        `json:"rebuild,omitempty"`    // each secondary's progress, as rebuild-status
 	Replication string              `json:"replication,omitempty"`
 }
 
@@ -388,8 +389,11 @@ func (a *app) showPlaced(ctx context.Context, v api.Volume) error {
 	if err != nil {
 		return err
 	}
+	// Rebuild progress needs the primaries' own APIs: best effort (rows
+	// say what did not answer).
+	rows, _ := a.rebuildRows(ctx, v.Name)
 	if a.output == "json" {
-		return a.printJSON(placedVolume{Volume: v, Placement: cv.Partitions, Replication: replicationNote})
+		return a.printJSON(placedVolume{Volume: v, Placement: cv.Partitions, Rebuild: rows, Replication: replicationNote})
 	}
 	if err := a.printVolume(v); err != nil {
 		return err
@@ -400,7 +404,11 @@ func (a *app) showPlaced(ctx context.Context, v api.Volume) error {
 		return err
 	}
 	fmt.Fprintln(a.stdout)
-	return a.printPlacement(cv.Partitions)
+	if err := a.printPlacement(cv.Partitions); err != nil || len(rows) == 0 {
+		return err
+	}
+	fmt.Fprintln(a.stdout)
+	return a.printRebuild(rows)
 }
 
 func (a *app) printPlacement(ps []cluster.Partition) error {
