@@ -413,6 +413,10 @@ func (c *Core) Progress() []PeerProgress {
 // Blessed reports whether a primary holds a solo blessing.
 func (c *Core) Blessed() bool { return c.blessed }
 
+// SnapIndex returns the opnum of the last entry compacted away (or of the
+// snapshot the log starts after): the log holds the entries after it.
+func (c *Core) SnapIndex() api.OpNum { return c.snapIndex }
+
 func (c *Core) lastIndex() api.OpNum { return c.snapIndex + api.OpNum(len(c.log)) }
 
 // term returns the epoch of the entry at i, and whether the log knows it.

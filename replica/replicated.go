@@ -11,7 +11,7 @@ package replica
 //	                                               |
 //	                                         Ready, in the Core's order:
 //	  1. Hard          -> HardStore.Save (durable)
-//	  2. Snapshot      -> refused: never happens (see Snapshots)
+//	  2. Snapshot      -> install the staged transfer (see snapshot.go)
 //	  3. TruncateFrom  -> Journal.TruncateFrom (durable cut)
 //	  4. Entries       -> journal notes with the entry's own epoch and opnum
 //	  5. Sync          -> journal fsync (group commit)
@@ -74,17 +74,16 @@ package replica
 // until Ready hands its entries back, and outgoing Appends get their data
 // from the notes just written (fresh) or from the journal (pos).
 //
-// # Snapshots
+// # Snapshots and log compaction
 //
-// Installing a snapshot (provisioning a replica from a peer's state) is
-// not supported yet. A Replica never sends one: a Snapshot message the
-// Core asks for is dropped and logged, and the peer that needs it stays
-// behind (out of the in-sync set, once the control plane drops it) until
-// provisioning exists. A Snapshot message that arrives is dropped before
-// Step, so the Core never hands one out and never believes it installed a
-// state the partition does not have. Without snapshots, a replica restarted
-// with SnapIndex = N cannot serve, as a primary, a peer whose log ends
-// before N.
+// A peer the primary's log cannot bring up to date (a new replica, or one
+// behind what the log still holds) gets a snapshot: the state at an opnum,
+// sent in parts and installed at once (snapshot.go). A Snapshot message
+// that does not end a staged transfer is dropped before Step, so the Core
+// never believes it installed a state the partition does not have. The
+// Core's log (and the journal positions beside it) keeps at most about
+// compactAbove entries: past that, all but the last compactKeep applied
+// ones are forgotten (Core.Compact).
 //
 // Request ids: a Replica numbers its requests from a random 64-bit base,
 // so ids of different replicas do not meet in a Core's set of applied ids
@@ -129,13 +128,9 @@ package replica
 //
 // # Not yet
 //
-//   - Snapshot install and send (provisioning), see above.
-//   - The range of a remote request is not checked against the partition's
-//     size (a Replica does not know it); the volume client routes by
-//     partition and stays inside it.
 //   - Relocation ops in the replicated stream, so no Flush to shards and
-//     no journal reclaim: the journal and the Core's in-memory log (one
-//     entry, without data, per op) grow with every op.
+//     no journal reclaim: the journal grows with every op written (the
+//     Core's log in memory is bounded by compaction).
 
 import (
 	"bytes"
@@ -170,8 +165,6 @@ var (
 	ErrReplicated = errors.New("replica: partition is replicated: ops go through its Replica")
 	// ErrReplicaClosed: the Replica was closed before the op completed.
 	ErrReplicaClosed = errors.New("replica: replica closed")
-	// ErrSnapshotUnsupported: installing a snapshot is not supported yet.
-	ErrSnapshotUnsupported = errors.New("replica: snapshot install not supported")
 	// ErrReplicaFailed wraps the error that stopped a Replica (a journal,
 	// hard state or extent map failure): its Core can no longer be driven
 	// by the rules, so every later op fails. Reopen the partition.
@@ -247,8 +240,11 @@ type ReplicaConfig struct {
 	QueueLen int
 	// Size is the partition's size in bytes: a remote request past it is
 	// refused (RejectInvalid) before the Core numbers it; 0: unchecked.
-	Size   int64
-	Logger *slog.Logger
+	Size int64
+	// SnapshotRate bounds a snapshot transfer to a peer, in bytes per
+	// second (see snapshot.go); 0: DefaultSnapshotRate; negative: none.
+	SnapshotRate int64
+	Logger       *slog.Logger
 }
 
 // ReplicaStatus is a Replica's state as of its goroutine's last loop.
@@ -328,6 +324,8 @@ type Replica struct {
 	snapLog time.Time            // last time a dropped snapshot was logged
 	loopLog time.Time            // last time a Ready loop was logged
 	scratch []byte               // note aux
+	senders map[api.NodeID]*snapSender
+	staged  *staged // a snapshot being received
 }
 
 // idleGuard is what OpenReplicaPartition leaves in Partition.failed: its
@@ -377,7 +375,10 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 		persistKick: make(chan struct{}, 1), persistDone: make(chan struct{}),
 		readers: make(chan struct{}, maxRemoteReaders),
 		waiting: make(map[uint64]*request), pending: make(map[uint64][]byte),
-		stash: make(map[noteKey][]byte), fresh: make(map[api.OpNum][]byte)}
+		stash: make(map[noteKey][]byte), fresh: make(map[api.OpNum][]byte), senders: make(map[api.NodeID]*snapSender)}
+	if cfg.SnapshotRate == 0 {
+		r.cfg.SnapshotRate = DefaultSnapshotRate
+	}
 	r.log = cfg.Logger.With("replica", c.ID, "partition", c.Partition)
 	r.reqBase.Store(rand.Uint64())
 	active := fmt.Errorf("%w (Replica %s)", ErrReplicated, c.ID)
@@ -387,7 +388,14 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 		return nil, fmt.Errorf("%w: partition %016x was not opened with OpenReplicaPartition, or has a Replica",
 			ErrReplicated, p.pkey)
 	}
-	st, err := r.recover(ctx)
+	wiped, err := wipeIfMarked(p)
+	if wiped {
+		r.log.Warn("a snapshot install did not finish: the partition was emptied", "err", err)
+	}
+	var st Storage
+	if err == nil {
+		st, err = r.recover(ctx)
+	}
 	if err == nil {
 		st.Hard, err = cfg.Hard.Load()
 	}
@@ -746,10 +754,30 @@ func (r *Replica) drain() {
 		}
 	}
 	clear(r.stash)
+	r.compact()
 	if r.sinceKick >= PersistEvery {
 		r.kickPersist()
 	}
 	r.publish()
+}
+
+// Log compaction: the Core's log (and pos) keeps at most about
+// compactAbove entries; past that it forgets all but the last compactKeep
+// applied ones. A peer that needs a forgotten entry gets a snapshot.
+const (
+	compactKeep  = 1 << 16
+	compactAbove = 1 << 17
+)
+
+func (r *Replica) compact() {
+	if r.failed.Load() != nil || r.core.LastIndex()+1-r.base < compactAbove || r.applied < compactKeep {
+		return
+	}
+	r.core.Compact(r.applied - compactKeep)
+	if upTo := r.core.SnapIndex(); upTo >= r.base {
+		r.pos = append(r.pos[:0:0], r.pos[upTo+1-r.base:]...)
+		r.base = upTo + 1
+	}
 }
 
 func (r *Replica) publish() {
@@ -774,6 +802,7 @@ func (r *Replica) fail(err error) {
 }
 
 func (r *Replica) shutdown() {
+	r.dropStaged()
 	for id, q := range r.waiting {
 		q.done <- Completion{ReqID: id, Kind: q.kind, Err: ErrReplicaClosed}
 	}
@@ -792,10 +821,21 @@ func (r *Replica) step(m *wire.Msg) bool {
 		return true
 	}
 	switch m.Type {
-	case wire.TypeSnapshot:
-		r.logSnapshot("snapshot from the primary dropped", m)
+	case wire.TypeSnapChunk:
+		r.snapChunk(m)
 		return true
+	case wire.TypeSnapAck:
+		r.snapAck(m)
+		return true
+	case wire.TypeSnapshot:
+		if !r.snapshotReady(m) {
+			r.logSnapshot("snapshot without its staged parts dropped", m)
+			return true
+		}
 	case wire.TypeAppend:
+		if st := r.staged; st != nil && m.Epoch == st.epoch && !st.done {
+			return true // a transfer from this primary is under way (see snapshot.go)
+		}
 		for i := range m.Entries {
 			if e := &m.Entries[i]; e.Kind == wire.KindWrite {
 				r.stash[noteKey{e.Epoch, e.OpNum}] = e.Data
@@ -920,8 +960,7 @@ func (r *Replica) logSnapshot(what string, m *wire.Msg) {
 		return
 	}
 	r.snapLog = time.Now()
-	r.log.Error(what+": installing snapshots is not supported yet; the peer stays behind until it is provisioned",
-		"msg", m.String(), "err", ErrSnapshotUnsupported)
+	r.log.Warn(what, "msg", m.String())
 }
 
 func (r *Replica) request(q *request) {
@@ -949,9 +988,11 @@ func (r *Replica) ready() error {
 		}
 	}
 	if rd.Snapshot != nil {
-		// Snapshot messages are dropped before Step; the Core cannot have
-		// one. Stop rather than pretend it was installed.
-		return fmt.Errorf("%w: at opnum %d", ErrSnapshotUnsupported, rd.Snapshot.Index)
+		// Only a Snapshot message that ends a staged transfer reaches the
+		// Core (step), so the state is here to install.
+		if err := r.install(rd.Snapshot); err != nil {
+			return err
+		}
 	}
 	if t := rd.TruncateFrom; t != 0 {
 		if err := r.truncate(t); err != nil {
@@ -986,7 +1027,7 @@ func (r *Replica) ready() error {
 		m := &rd.Messages[i]
 		switch m.Type {
 		case wire.TypeSnapshot:
-			r.logSnapshot("snapshot for a peer not sent", m)
+			r.startSnapshot(m)
 			continue
 		case wire.TypeAppend:
 			if err := r.fill(m); err != nil {

@@ -704,9 +704,9 @@ func TestReplicaFlushSurvivesPowerLoss(t *testing.T) {
 	}
 }
 
-// TestReplicaDropsSnapshots: installing snapshots is not supported yet, so
-// a Snapshot message is dropped before the Core sees it; the replica goes
-// on working (it neither fails nor claims a state it does not have).
+// TestReplicaDropsSnapshots: a Snapshot message that does not end a staged
+// transfer (snapshot.go) is dropped before the Core sees it; the replica
+// goes on working (it neither fails nor claims a state it does not have).
 func TestReplicaDropsSnapshots(t *testing.T) {
 	c := newRCluster(t, 3, false)
 	defer c.close()

@@ -195,9 +195,11 @@ func newTestCluster(t *testing.T, n int) *testCluster {
 func (tc *testCluster) start(id api.NodeID) *Node {
 	tc.t.Helper()
 	listen := "127.0.0.1:0"
+	tc.ctl.mu.Lock()
 	if nd, ok := tc.ctl.m.Node(id); ok {
 		listen = nd.Addr.Peer
 	}
+	tc.ctl.mu.Unlock()
 	var nd *Node
 	var err error
 	deadline := time.Now().Add(5 * time.Second)
@@ -450,5 +452,109 @@ func TestDualIsolation(t *testing.T) {
 	}
 	if !bytes.Equal(got, data) {
 		t.Fatal("the rebuilt replica's data differs")
+	}
+}
+
+// TestProvisionAfterRestart: the primary restarts (its log then starts at
+// its persisted state: the history a new replica would replay is gone),
+// then its secondary dies; the replacement the map places is provisioned
+// by a snapshot transfer while a writer goes on, joins the in-sync set,
+// and holds every acknowledged write when it has to take over.
+func TestProvisionAfterRestart(t *testing.T) {
+	tc := newTestCluster(t, 3)
+	const (
+		size = 2 << 20
+		bs   = 4096
+	)
+	if _, err := tc.ctl.apply(cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{
+		Name: "v", Size: size, PartitionSize: size, Replicas: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	v := tc.ctl.volume(t, "v")
+	primary, sec := v.Partitions[0].Primary, v.Partitions[0].Secondaries[0]
+	var third api.NodeID
+	for id := range tc.nodes {
+		if id != primary && id != sec {
+			third = id
+		}
+	}
+	dev := tc.open(primary, "v")
+	ctx := context.Background()
+	want := make([]byte, size)
+	rng := rand.New(rand.NewPCG(5, 6))
+	for i := range want {
+		want[i] = byte(rng.Uint32())
+	}
+	if err := dev.WriteAt(ctx, want, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	dev.Close()
+
+	// Restart the primary before its lease runs out.
+	if err := tc.nodes[primary].Close(); err != nil {
+		t.Fatal(err)
+	}
+	tc.start(primary)
+	waitFor(t, "the restarted primary serving at a new epoch", func() bool {
+		p := tc.ctl.volume(t, "v").Partitions[0]
+		return p.Primary == primary && p.Epoch > v.Partitions[0].Epoch && len(p.InSync) == 2
+	})
+
+	// A writer goes on through the third node while the secondary dies and
+	// its replacement is provisioned.
+	dev = tc.open(third, "v")
+	defer dev.Close()
+	var wmu sync.Mutex
+	wctx, wcancel := context.WithCancel(ctx)
+	var werr error
+	var writes atomic.Int64
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		rng := rand.New(rand.NewPCG(7, 8))
+		b := make([]byte, bs)
+		for wctx.Err() == nil {
+			blk := rng.IntN(size / bs)
+			for i := range b {
+				b[i] = byte(rng.Uint32())
+			}
+			wmu.Lock()
+			err := dev.WriteAt(ctx, b, int64(blk*bs), false)
+			if err == nil {
+				copy(want[blk*bs:], b)
+			}
+			wmu.Unlock()
+			if err != nil {
+				werr = err
+				return
+			}
+			writes.Add(1)
+		}
+	}()
+	waitFor(t, "some writes", func() bool { return writes.Load() > 20 })
+	tc.kill(sec)
+	waitFor(t, "the replacement on "+string(third)+" in sync", func() bool {
+		p := tc.ctl.volume(t, "v").Partitions[0]
+		return p.Primary == primary && slices.Contains(p.InSync, third) && len(p.InSync) == 2
+	})
+	n := writes.Load()
+	waitFor(t, "writes after the rebuild", func() bool { return writes.Load() > n+20 || werr != nil })
+	wcancel()
+	<-done
+	if werr != nil {
+		t.Fatalf("the writer saw an error: %v", werr)
+	}
+
+	// The rebuilt replica takes over and holds everything.
+	tc.kill(primary)
+	waitFor(t, "the rebuilt replica primary", func() bool {
+		return tc.ctl.volume(t, "v").Partitions[0].Primary == third
+	})
+	got := make([]byte, size)
+	if err := dev.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the replica rebuilt by a snapshot lost acknowledged writes")
 	}
 }

@@ -14,7 +14,7 @@
 //	|      0 |    4 | magic 0x4c505253 ("SRPL" little-endian)        |
 //	|      4 |    1 | version (1)                                    |
 //	|      5 |    1 | type (Type)                                    |
-//	|      6 |    1 | flags (FlagReject, FlagNeedSnap)               |
+//	|      6 |    1 | flags (FlagReject, FlagNeedSnap, FlagLast)     |
 //	|      7 |    1 | kind (Kind; requests, grants)                  |
 //	|      8 |    8 | epoch                                          |
 //	|     16 |    4 | partition                                      |
@@ -86,6 +86,12 @@ type Type uint8
 //     had epoch PrevEpoch), in Data.
 //   - Stale: the answer to any message of a lower epoch; Epoch is the
 //     higher epoch.
+//   - SnapChunk: primary -> secondary. Part ReqID (0, 1, ...) of the state
+//     at Index, sent before the Snapshot message that ends the transfer
+//     (whose Data is then empty): Entries are pieces of it in LBA order
+//     (KindWrite with Data, KindZero without); FlagLast marks the last.
+//   - SnapAck: secondary -> primary. ReqID is the next part it expects of
+//     the transfer at Index.
 //
 // Client (volume client <-> primary):
 //
@@ -111,10 +117,13 @@ const (
 	TypePromote
 	TypeControl
 	TypeGrant
+	TypeSnapChunk
+	TypeSnapAck
 	typeEnd
 )
 
-var typeNames = [...]string{"", "append", "append-resp", "snapshot", "stale", "request", "reply", "promote", "control", "grant"}
+var typeNames = [...]string{"", "append", "append-resp", "snapshot", "stale", "request", "reply", "promote", "control", "grant",
+	"snap-chunk", "snap-ack"}
 
 func (t Type) String() string {
 	if t > 0 && t < typeEnd {
@@ -127,7 +136,8 @@ func (t Type) String() string {
 const (
 	FlagReject   uint8 = 1 << 0
 	FlagNeedSnap uint8 = 1 << 1
-	flagsAll           = FlagReject | FlagNeedSnap
+	FlagLast     uint8 = 1 << 2 // SnapChunk: the transfer's last part
+	flagsAll           = FlagReject | FlagNeedSnap | FlagLast
 )
 
 // Kind is the kind of a client op or log entry, or of a control request.
@@ -211,6 +221,8 @@ func (m Msg) String() string {
 		s += fmt.Sprintf(" index=%d sync=%d flags=%d", m.Index, m.Sync, m.Flags)
 	case TypeSnapshot:
 		s += fmt.Sprintf(" index=%d/%d", m.PrevEpoch, m.Index)
+	case TypeSnapChunk, TypeSnapAck:
+		s += fmt.Sprintf(" index=%d part=%d n=%d flags=%d", m.Index, m.ReqID, len(m.Entries), m.Flags)
 	case TypeRequest, TypeReply, TypeControl, TypeGrant:
 		s += fmt.Sprintf(" %s req=%d index=%d flags=%d peers=%v", m.Kind, m.ReqID, m.Index, m.Flags, m.Peers)
 	case TypePromote:
