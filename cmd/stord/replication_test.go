@@ -67,6 +67,7 @@ func fioVerify(t *testing.T, url, size string, after time.Duration, during func(
 		"--iodepth=16", "--size="+size, "--verify=crc32c", "--verify_fatal=1", "--output-format=json", "--output="+out)
 	var stderr lockedBuffer
 	cmd.Stderr = &stderr
+	cmd.Dir = filepath.Dir(out) // fio leaves its verify state files in its directory
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
