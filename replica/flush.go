@@ -9,6 +9,7 @@ import (
 	"stor.dev/stor/erasure"
 	"stor.dev/stor/metastore"
 	"stor.dev/stor/replica/journal"
+	"stor.dev/stor/target"
 )
 
 // maxShard bounds the bytes one flush writes into one shard.
@@ -151,7 +152,11 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	if err := p.m.Persist(&p.mu.Mutex); err != nil {
 		return res, mapErr(err)
 	}
-	if err := p.j.Sync(ctx); err != nil {
+	syncJournal := p.j.Sync
+	if p.syncJournal != nil {
+		syncJournal = p.syncJournal
+	}
+	if err := syncJournal(ctx); err != nil {
 		return res, mapErr(err)
 	}
 	if err := p.meta.Sync(); err != nil {
@@ -202,7 +207,23 @@ func (b *shardBuilder) finish(ctx context.Context) error {
 	if err := p.store.Put(ctx, erasure.ShardID{PKey: p.pkey, Seq: b.rel.seq}, b.data); err != nil {
 		return mapErr(fmt.Errorf("replica: partition %016x flush: %w", p.pkey, err))
 	}
-	if err := p.op(&journal.Record{Kind: journal.KindMeta, Aux: b.rel.encode()}); err != nil {
+	if p.replicated {
+		// Not an op: opnums are the Core's. The move is a change of where
+		// bytes live, not of what they are, so the map after it is still
+		// the map after the same prefix of the op stream; it is durable
+		// with the map (Persist, then the metastore Sync below), and the
+		// segments it empties are removed only after that.
+		p.mu.Lock()
+		u := p.m.Update()
+		p.relocateLocked(u, &b.rel, p.mu.applied)
+		err := u.Commit(p.mu.applied)
+		p.mu.Unlock()
+		if err != nil {
+			err = fmt.Errorf("%w: partition %016x flush: %v", target.ErrIO, p.pkey, err)
+			p.failed.Store(&err)
+			return err
+		}
+	} else if err := p.op(&journal.Record{Kind: journal.KindMeta, Aux: b.rel.encode()}); err != nil {
 		return err
 	}
 	b.res.Moved += b.rel.size
@@ -247,7 +268,7 @@ func (p *Partition) reclaim(ctx context.Context, synced uint64, res *FlushResult
 	for _, s := range p.j.Segments() {
 		c := container{metastore.InJournal, s.ID}
 		switch {
-		case !s.Active && p.mu.live[c] == 0 && s.LastOp <= synced:
+		case !s.Active && p.mu.live[c] == 0 && s.LastOp <= synced && s.LastOp <= p.keep.Load():
 			deadSegs = append(deadSegs, s.ID)
 		case s.Size > 0 && s.FirstOp > 0:
 			flushed = min(flushed, s.FirstOp-1)

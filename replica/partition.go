@@ -36,6 +36,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -102,6 +103,14 @@ type Partition struct {
 
 	failed atomic.Pointer[error] // sticky: the map and journal disagree
 
+	// replicated: opened for a Replica (OpenReplicaPartition). Its flush
+	// records moves straight into the map, not as ops (see
+	// Replica.Flush); syncJournal is the Replica's SyncJournal, and no
+	// journal segment holding an op past keep is removed.
+	replicated  bool
+	syncJournal func(context.Context) error
+	keep        atomic.Uint64
+
 	seq struct {
 		sync.Mutex
 		next uint64 // next opnum
@@ -148,6 +157,7 @@ func openPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	p.mu.live = make(map[container]int64)
 	p.mu.shardSz = make(map[uint64]int64)
 	p.mu.deadAt = make(map[container]uint64)
+	p.keep.Store(math.MaxUint64)
 	j, err := journal.Open(o.FS, o.Dir, journal.Options{SegmentSize: o.SegmentSize, Logger: p.log})
 	if err != nil {
 		return nil, fmt.Errorf("replica: partition %016x: %w", pkey, err)
@@ -327,19 +337,7 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 			u.Abort()
 			return err
 		}
-		for _, m := range rel.moves {
-			moved := m.old
-			moved.Where, moved.Container, moved.COff = metastore.InObject, rel.seq, m.coff
-			if u.Replace(m.old, moved) {
-				p.dropLiveLocked(container{m.old.Where, m.old.Container}, m.old.Len, r.OpNum)
-				p.mu.live[container{metastore.InObject, rel.seq}] += m.old.Len
-			}
-		}
-		p.mu.shardSz[rel.seq] = rel.size
-		p.mu.nextSeq = max(p.mu.nextSeq, rel.seq+1)
-		if p.mu.live[container{metastore.InObject, rel.seq}] == 0 {
-			p.mu.deadAt[container{metastore.InObject, rel.seq}] = r.OpNum
-		}
+		p.relocateLocked(u, rel, r.OpNum)
 	default:
 		u.Abort()
 		return fmt.Errorf("replica: unknown record kind %d at op %d", r.Kind, r.OpNum)
@@ -349,6 +347,25 @@ func (p *Partition) applyLocked(r *journal.Record, pos journal.Pos) error {
 	}
 	p.mu.applied = r.OpNum
 	return nil
+}
+
+// relocateLocked points the extents rel moved, if the map still holds
+// them unchanged, at rel's shard; op is the opnum the change counts at.
+// REQUIRES: p.mu, u in flight
+func (p *Partition) relocateLocked(u *metastore.Update, rel *relocation, op uint64) {
+	for _, m := range rel.moves {
+		moved := m.old
+		moved.Where, moved.Container, moved.COff = metastore.InObject, rel.seq, m.coff
+		if u.Replace(m.old, moved) {
+			p.dropLiveLocked(container{m.old.Where, m.old.Container}, m.old.Len, op)
+			p.mu.live[container{metastore.InObject, rel.seq}] += m.old.Len
+		}
+	}
+	p.mu.shardSz[rel.seq] = rel.size
+	p.mu.nextSeq = max(p.mu.nextSeq, rel.seq+1)
+	if p.mu.live[container{metastore.InObject, rel.seq}] == 0 {
+		p.mu.deadAt[container{metastore.InObject, rel.seq}] = op
+	}
 }
 
 // REQUIRES: p.mu

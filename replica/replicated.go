@@ -56,11 +56,12 @@ package replica
 //     journal record, committed or not). While the partition is open its
 //     own mutators (Write, WriteZeroes, Trim, and Flush's relocation ops)
 //     refuse with ErrReplicated: ops go through the Replica.
-//   - No background Flush runs on a Replica's partition, and the caller
-//     must not start one: moving data to shards is a relocation op, which
-//     would need its own opnum in the replicated op stream. So the journal
-//     grows until that exists. Reads (Partition.ReadAt) are fine at any
-//     time and see the committed prefix.
+//   - The partition's background work is Replica.Background, never
+//     Partition.Flush directly: moves of data into shards are recorded
+//     straight into the extent map (opnums are the Core's), and journal
+//     segments the Core or a restart still needs are kept. Reads
+//     (Partition.ReadAt) are fine at any time and see the committed
+//     prefix.
 //   - The metastore's BeforeFlush hook must call SyncJournal, not
 //     Partition.Sync, while a Replica runs: a journal Sync must not overlap
 //     a TruncateFrom (see there), and SyncJournal takes the driver's lock.
@@ -126,11 +127,6 @@ package replica
 //     is the client's timeout and retry, which the request id makes
 //     idempotent.
 //
-// # Not yet
-//
-//   - Relocation ops in the replicated stream, so no Flush to shards and
-//     no journal reclaim: the journal grows with every op written (the
-//     Core's log in memory is bounded by compaction).
 
 import (
 	"bytes"
@@ -290,8 +286,9 @@ type Replica struct {
 	done chan struct{} // closed when run returns
 	once sync.Once
 
-	reqBase atomic.Uint64 // request ids: a random base per Replica, counting up
-	dropped atomic.Uint64
+	reqBase   atomic.Uint64 // request ids: a random base per Replica, counting up
+	dropped   atomic.Uint64
+	snapIndex atomic.Uint64 // the Core's SnapIndex, for Background
 	status  atomic.Pointer[ReplicaStatus]
 	failed  atomic.Pointer[error]
 	active  *error // the ErrReplicated this Replica stored in the partition
@@ -346,6 +343,8 @@ func OpenReplicaPartition(ctx context.Context, pkey uint64, meta *metastore.DB, 
 	}
 	guard := idleGuard
 	p.failed.Store(&guard)
+	p.replicated = true
+	p.keep.Store(0) // Replica.Background says which segments may go
 	return p, nil
 }
 
@@ -404,6 +403,7 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 		return nil, fmt.Errorf("replica: open replica %s of partition %016x: %w", c.ID, p.pkey, err)
 	}
 	r.core = NewCore(c, st)
+	p.syncJournal = r.SyncJournal
 	r.publish()
 	r.log.Info("replica open", "epoch", st.Hard.Epoch, "applied", st.SnapIndex, "notes", len(st.Entries))
 	go r.run()
@@ -566,6 +566,33 @@ func (r *Replica) SyncJournal(ctx context.Context) error {
 	r.cutMu.RLock()
 	defer r.cutMu.RUnlock()
 	return r.p.Sync(ctx)
+}
+
+// Background is the partition's background work while the Replica runs:
+// Partition.Flush (journal data into shards when over budget or idle, then
+// reclaim), with the moves recorded straight into the extent map (not as
+// ops: opnums are the Core's) and no journal segment removed that holds
+// an op the Core's log still has (a lagging peer's appends read it) or
+// one of the last MaxSeen ops before the persisted map (a restart reads
+// their request ids and the applied op's epoch). Run it from one
+// goroutine at a time, never from the metastore's BeforeFlush hook.
+func (r *Replica) Background(ctx context.Context, force bool) (FlushResult, error) {
+	if err := r.Err(); err != nil {
+		return FlushResult{}, err
+	}
+	// The map as of now goes to Pebble first (Flush makes it durable
+	// before it removes anything), so keep counts from it.
+	if err := r.p.Persist(); err != nil {
+		return FlushResult{}, err
+	}
+	keep := api.OpNum(r.snapIndex.Load())
+	if per := api.OpNum(r.p.m.Persisted()); per > seenKeep {
+		keep = min(keep, per-seenKeep-1)
+	} else {
+		keep = 0
+	}
+	r.p.keep.Store(uint64(keep))
+	return r.p.Flush(ctx, force)
 }
 
 // Status returns the Replica's state as of its goroutine's last loop.
@@ -764,9 +791,13 @@ func (r *Replica) drain() {
 // Log compaction: the Core's log (and pos) keeps at most about
 // compactAbove entries; past that it forgets all but the last compactKeep
 // applied ones. A peer that needs a forgotten entry gets a snapshot.
-const (
-	compactKeep  = 1 << 16
-	compactAbove = 1 << 17
+// (Variables for tests.) seenKeep is how many ops before the persisted
+// map Background keeps in the journal for a restart (MaxSeen: their
+// request ids, and the applied op's epoch).
+var (
+	compactKeep  api.OpNum = 1 << 16
+	compactAbove api.OpNum = 1 << 17
+	seenKeep     api.OpNum = MaxSeen
 )
 
 func (r *Replica) compact() {
@@ -782,6 +813,7 @@ func (r *Replica) compact() {
 
 func (r *Replica) publish() {
 	c := r.core
+	r.snapIndex.Store(uint64(c.SnapIndex()))
 	r.status.Store(&ReplicaStatus{Role: c.Role(), Epoch: c.Epoch(), Primary: c.Primary(), Commit: c.Commit(),
 		Applied: r.applied, Last: c.LastIndex(), InSync: c.InSync(), Peers: c.Progress(), Blessed: c.Blessed()})
 }

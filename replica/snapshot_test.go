@@ -107,3 +107,64 @@ func TestSnapshotInstallInterrupted(t *testing.T) {
 	c.quiesce("n1", "n2")
 	c.checkPartition("n2", &m)
 }
+
+// TestReplicaBackground: the background flush of replicated partitions
+// moves journal data into shards and frees segments without opnums of its
+// own; a peer that was cut off meanwhile still catches up from the
+// primary's log (the segments its appends need are kept), every replica
+// holds the same bytes, and all of it survives restarts and a failover.
+func TestReplicaBackground(t *testing.T) {
+	defer func(k, a, s api.OpNum) { compactKeep, compactAbove, seenKeep = k, a, s }(compactKeep, compactAbove, seenKeep)
+	compactKeep, compactAbove, seenKeep = 8, 16, 4
+	c := newRCluster(t, 3, false)
+	defer c.close()
+	ctx := context.Background()
+	c.promote("n1")
+	var m rmodel
+	for round := range 40 { // several 64 KiB segments
+		writeBlocks(t, c.rep("n1"), &m, (round*4)%rblocks, 4, byte(round+1))
+	}
+	c.quiesce("n1", "n2", "n3")
+	c.setCut("n3", true)
+	for round := range 40 {
+		writeBlocks(t, c.rep("n1"), &m, (round*2)%rblocks, 2, byte(0x80+round))
+	}
+	c.quiesce("n1", "n2")
+	var moved int64
+	var freed int
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		res, err := c.rep(id).Background(ctx, true)
+		if err != nil {
+			t.Fatalf("%s: background: %v", id, err)
+		}
+		moved += res.Moved
+		freed += res.SegmentsFreed
+		if id != "n3" {
+			c.checkPartition(id, &m)
+		}
+	}
+	if moved == 0 || freed == 0 {
+		t.Fatalf("background moved %d bytes and freed %d segments: want both", moved, freed)
+	}
+	c.setCut("n3", false)
+	writeBlocks(t, c.rep("n1"), &m, 0, 1, 0xee)
+	c.quiesce("n1", "n2", "n3")
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.checkPartition(id, &m)
+	}
+	for _, nd := range c.nodes {
+		c.stop(nd, false)
+		c.open(nd)
+	}
+	c.promote("n2")
+	buf := make([]byte, rblocks*rbs)
+	if err := c.rep("n2").ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	checkBlocks(t, "n2 after restarts", buf, &m)
+	writeBlocks(t, c.rep("n2"), &m, 5, 3, 0x44)
+	c.quiesce("n2", "n1", "n3")
+	for _, id := range []api.NodeID{"n1", "n2", "n3"} {
+		c.checkPartition(id, &m)
+	}
+}

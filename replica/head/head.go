@@ -62,7 +62,11 @@
 //     each poll tells it the map's route (SetRoute). Devices are remote
 //     Devices (replica/volume/remote): a request stalls while no replica
 //     of its partition serves, it does not fail.
-//   - Close stops the reconcile and bridge goroutines, closes the
+//   - Background. A flusher goroutine runs every held Replica's
+//     Background once a second (journal data into shards past twice the
+//     partition's size or after 30 s idle; reclaim), never at the same
+//     time as that Replica's close.
+//   - Close stops the reconcile, bridge and flusher goroutines, closes the
 //     transport, then every Replica and partition, then the metastore and
 //     the shard store, in that order.
 package head
@@ -170,6 +174,8 @@ type Node struct {
 
 // held is one Replica the node holds.
 type held struct {
+	bg     sync.Mutex // the flusher's Background runs, and close
+	closed bool       // guarded by bg
 	key    uint32
 	volume string
 	index  api.PartitionID
@@ -256,6 +262,10 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	n.wg.Add(2)
 	go n.bridge.run(ctx, &n.wg)
 	go n.run(ctx)
+	if cfg.Head {
+		n.wg.Add(1)
+		go n.flusher(ctx)
+	}
 	return n, nil
 }
 
@@ -296,8 +306,48 @@ func (n *Node) closeStorage() error {
 }
 
 func (h *held) close() error {
+	h.bg.Lock()
+	defer h.bg.Unlock()
+	h.closed = true
 	err := h.rep.Close()
 	return errors.Join(err, h.part.Close())
+}
+
+// flushEvery is the period of the replicas' background work.
+const flushEvery = time.Second
+
+// flusher runs every held Replica's background work (Replica.Background:
+// journal data into shards past the journal budget or when idle, then
+// reclaim).
+func (n *Node) flusher(ctx context.Context) {
+	defer n.wg.Done()
+	t := time.NewTicker(flushEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.mu.Lock()
+		reps := make([]*held, 0, len(n.mu.reps))
+		for _, h := range n.mu.reps {
+			reps = append(reps, h)
+		}
+		n.mu.Unlock()
+		for _, h := range reps {
+			h.bg.Lock()
+			if !h.closed {
+				if res, err := h.rep.Background(ctx, false); err != nil {
+					n.log.Warn("replica background work", "volume", h.volume, "partition", h.index, "err", err)
+				} else if res.Shards > 0 || res.SegmentsFreed > 0 {
+					n.log.Debug("replica flushed", "volume", h.volume, "partition", h.index, "moved", res.Moved,
+						"segments_freed", res.SegmentsFreed, "shards_deleted", res.ShardsDeleted)
+				}
+			}
+			h.bg.Unlock()
+		}
+	}
 }
 
 // Status returns every Replica the node holds, by volume and partition.
@@ -549,6 +599,7 @@ func (n *Node) hold(ctx context.Context, k uint32, v *cluster.Volume, p *cluster
 	}
 	part, err := replica.OpenReplicaPartition(ctx, metastore.PKey(k>>16, k&0xffff), n.meta, n.store, replica.Options{
 		FS: n.cfg.FS, Dir: n.journalDir(k), SegmentSize: n.cfg.SegmentSize, Logger: n.cfg.Logger,
+		JournalBudget: 2 * max(partSize(v, p.Index), 64<<20),
 	})
 	if err != nil {
 		return nil, err
