@@ -289,9 +289,9 @@ type Replica struct {
 	reqBase   atomic.Uint64 // request ids: a random base per Replica, counting up
 	dropped   atomic.Uint64
 	snapIndex atomic.Uint64 // the Core's SnapIndex, for Background
-	status  atomic.Pointer[ReplicaStatus]
-	failed  atomic.Pointer[error]
-	active  *error // the ErrReplicated this Replica stored in the partition
+	status    atomic.Pointer[ReplicaStatus]
+	failed    atomic.Pointer[error]
+	active    *error // the ErrReplicated this Replica stored in the partition
 
 	// cutMu: TruncateFrom holds it, SyncJournal shares it.
 	cutMu sync.RWMutex
