@@ -214,8 +214,10 @@ func TestMembershipLease(t *testing.T) {
 	if n, _ := m.Node("n2"); n.State != StateActive {
 		t.Fatalf("n2: %s", n.State)
 	}
-	// A new leader since 5s gives n1 a full lease from then.
-	r = mustApply(t, m, Command{Op: OpTick, Now: at(11 * time.Second), Since: at(5 * time.Second)})
+	// A new leader since 9s gives every node the suspect timeout (4s) to
+	// reach it before judging heartbeats: n1 (last heard at 0) is not dead
+	// at 11s, though past its lease.
+	r = mustApply(t, m, Command{Op: OpTick, Now: at(11 * time.Second), Since: at(9 * time.Second)})
 	if len(r.Dead) != 0 {
 		t.Fatalf("dead %v within the new leader's grace", r.Dead)
 	}

@@ -123,9 +123,13 @@ func (m *Map) heartbeat(c Command) (Result, error) {
 	return Result{Node: n.clone()}, nil
 }
 
-// tick marks late and dead nodes. A node is judged from the later of its
-// last heartbeat and c.Since (the time the proposer became leader), so a new
-// leader gives every node a full lease before declaring it dead.
+// tick marks late and dead nodes. A node is judged by the age of its last
+// heartbeat, but a new leader (c.Since: the time the proposer became
+// leader) first gives every node the suspect timeout to reach it: heartbeats
+// sent during the election went nowhere. So a node whose heartbeat is older
+// than the lease is declared dead once the leader has led for the suspect
+// timeout, not a whole lease after the election (which doubled failover
+// when the dead node was the leader too).
 func (m *Map) tick(c Command) (Result, error) {
 	var res Result
 	for _, id := range m.nodeIDs() {
@@ -134,8 +138,8 @@ func (m *Map) tick(c Command) (Result, error) {
 			continue
 		}
 		ref := n.LastHeartbeat
-		if c.Since.After(ref) {
-			ref = c.Since
+		if grace := c.Since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); grace.After(ref) {
+			ref = grace
 		}
 		age := c.Now.Sub(ref)
 		if age > m.Config.LeaseTimeout {

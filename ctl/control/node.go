@@ -38,7 +38,8 @@ import (
 //   - The leader proposes a Tick every min(TickInterval, LeaseTimeout/4),
 //     LeaseTimeout being the map's (at least minTickPeriod when the lease
 //     sets it), with Since = the time it became leader, so a new leader
-//     gives every node a full lease. The period is read again after every
+//     gives every node the suspect timeout to reach it (ctl/cluster's
+//     tick) before judging its heartbeats. The period is read again after every
 //     tick, and a configure proposed on this node restarts the wait at once:
 //     lowering the lease shortens the ticks without a restart.
 //   - Read gives the local, possibly stale, map; ConsistentRead first makes
