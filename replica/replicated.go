@@ -295,6 +295,9 @@ type Replica struct {
 
 	// cutMu: TruncateFrom holds it, SyncJournal shares it.
 	cutMu sync.RWMutex
+	// bgMu: Background holds it, and so does a snapshot install (which
+	// replaces the journal and the map under a flush).
+	bgMu sync.Mutex
 
 	// persistKick wakes the persister goroutine (persist), which commits
 	// the extent map's pending updates to Pebble off run's path, as the
@@ -580,6 +583,8 @@ func (r *Replica) Background(ctx context.Context, force bool) (FlushResult, erro
 	if err := r.Err(); err != nil {
 		return FlushResult{}, err
 	}
+	r.bgMu.Lock()
+	defer r.bgMu.Unlock()
 	// The map as of now goes to Pebble first (Flush makes it durable
 	// before it removes anything), so keep counts from it.
 	if err := r.p.Persist(); err != nil {

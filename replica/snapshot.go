@@ -377,6 +377,8 @@ func (r *Replica) install(snap *Snapshot) error {
 	if st == nil || !st.done || st.index != snap.Index {
 		return fmt.Errorf("snapshot at %d: nothing staged for it", snap.Index)
 	}
+	r.bgMu.Lock()
+	defer r.bgMu.Unlock()
 	p := r.p
 	fs, marker := p.opts.FS, p.opts.FS.PathJoin(p.opts.Dir, installFile)
 	if err := writeDurable(fs, p.opts.Dir, marker, []byte(fmt.Sprintf("%d %d\n", snap.Epoch, snap.Index))); err != nil {
