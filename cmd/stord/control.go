@@ -5,9 +5,11 @@ package main
 
 import (
 	"context"
+	"net"
 	"net/http"
 	"net/http/pprof"
 	"path/filepath"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -29,7 +31,16 @@ func startControl(n *node) (*controlRole, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &controlRole{node: cn, cfg: control.ClusterHandlerConfig{Logger: n.log}}, nil
+	// Forwarding to the leader: a leader cut off from the network must
+	// fail the forward within a second (the caller then asks another
+	// node), not after the default transport's 30 s dial timeout.
+	fwd := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		ResponseHeaderTimeout: 10 * time.Second,
+		MaxIdleConnsPerHost:   16,
+		IdleConnTimeout:       90 * time.Second,
+	}
+	return &controlRole{node: cn, cfg: control.ClusterHandlerConfig{Logger: n.log, Transport: fwd}}, nil
 }
 
 // handler serves the cluster routes and the volume API (over the cluster

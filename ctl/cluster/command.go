@@ -19,7 +19,7 @@ type Op string
 //	configure          Config
 //	register*          Node, Spec
 //	heartbeat*         Node, Health
-//	tick*              Since (when the proposer became leader)
+//	tick*              Since (when the proposer became leader), Node (the proposer)
 //	drain / undrain    Node
 //	remove-node        Node
 //	set-sled           Node, Devices

@@ -134,8 +134,8 @@ func (m *Map) tick(c Command) (Result, error) {
 	var res Result
 	for _, id := range m.nodeIDs() {
 		n := m.Nodes[id]
-		if n.State == StateDead {
-			continue
+		if n.State == StateDead || n.ID == c.Node {
+			continue // the proposer (the leader) is alive by definition
 		}
 		ref := n.LastHeartbeat
 		if grace := c.Since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); grace.After(ref) {
@@ -152,37 +152,62 @@ func (m *Map) tick(c Command) (Result, error) {
 		n.refresh(m.Config)
 	}
 	pl := m.newPlacer()
-	for _, id := range res.Dead {
-		res.Work = append(res.Work, m.evict(pl, id, c.Now)...)
-	}
+	res.Work = append(res.Work, m.evictDead(pl, c.Now)...)
 	res.Work = append(res.Work, m.placePending(pl)...)
 	return res, nil
 }
 
-// evict releases the roles of a dead node and records the work.
-func (m *Map) evict(pl *placer, id api.NodeID, now time.Time) []Work {
+// evictDead releases the roles dead nodes hold and records the work, in
+// every partition that keeps a live in-sync replica: a dead primary's role
+// is freed for one of them (elect work), dead secondaries and reserves are
+// replaced, and the dead leave the in-sync set. A partition whose in-sync
+// replicas are all dead (several nodes died at once, or the primary alone
+// was in sync) is left as it is, primary and in-sync set included: only
+// those replicas may hold every acknowledged write, so it waits for one of
+// them (stuck work, recorded once); when one comes back, a later tick
+// evicts the others around it. Run at every tick, so a revived in-sync
+// secondary frees its dead primary's role.
+func (m *Map) evictDead(pl *placer, now time.Time) []Work {
+	dead := func(id api.NodeID) bool {
+		n, ok := m.Nodes[id]
+		return !ok || n.State == StateDead
+	}
 	var out []Work
 	for _, name := range m.volumeNames() {
 		v := m.Volumes[name]
 		for i := range v.Partitions {
 			p := &v.Partitions[i]
-			switch p.RoleOf(id) {
-			case RolePrimary:
-				others := slices.DeleteFunc(slices.Clone(p.InSync), func(x api.NodeID) bool { return x == id })
-				if len(others) == 0 && slices.Contains(p.InSync, id) {
-					// The only replica known to hold every acknowledged
-					// write: keep the role and wait for it.
-					out = append(out, m.addWork(Work{Kind: WorkStuck, Volume: name, Partition: p.Index, Role: RolePrimary, Lost: id, Created: now}))
-					continue
+			if !slices.ContainsFunc(p.Members(), dead) {
+				continue
+			}
+			live := slices.DeleteFunc(slices.Clone(p.InSync), dead)
+			if len(p.InSync) > 0 && len(live) == 0 {
+				lost := p.Primary
+				if lost == "" {
+					lost = p.InSync[0]
 				}
+				stuck := slices.ContainsFunc(m.Work, func(w Work) bool {
+					return w.Kind == WorkStuck && w.Volume == name && w.Partition == p.Index
+				})
+				if !stuck {
+					out = append(out, m.addWork(Work{Kind: WorkStuck, Volume: name, Partition: p.Index, Role: RolePrimary, Lost: lost, Created: now}))
+				}
+				continue
+			}
+			if id := p.Primary; id != "" && dead(id) {
 				p.Primary = ""
-				p.InSync = others
 				if p.Solo != nil && p.Solo.Node == id {
 					p.Solo = nil
 				}
-				m.dropWork(func(w *Work) bool { return w.Kind == WorkShed && w.Volume == name && w.Partition == p.Index })
+				m.dropWork(func(w *Work) bool {
+					return (w.Kind == WorkShed || w.Kind == WorkStuck) && w.Volume == name && w.Partition == p.Index
+				})
 				out = append(out, m.addWork(Work{Kind: WorkElect, Volume: name, Partition: p.Index, Role: RolePrimary, Lost: id, Created: now}))
-			case RoleSecondary, RoleReserve:
+			}
+			for _, id := range append(slices.Clone(p.Secondaries), p.Reserves...) {
+				if !dead(id) {
+					continue
+				}
 				role := p.RoleOf(id)
 				p.removeMember(id)
 				w := Work{Kind: WorkReplace, Volume: name, Partition: p.Index, Role: role, Lost: id, Created: now}
@@ -191,6 +216,9 @@ func (m *Map) evict(pl *placer, id api.NodeID, now time.Time) []Work {
 					w.Target = t
 				}
 				out = append(out, m.addWork(w))
+			}
+			if len(p.InSync) > 0 {
+				p.InSync = live
 			}
 		}
 	}

@@ -565,7 +565,7 @@ func (n *Node) tick(ctx context.Context, since *time.Time) {
 		*since = now
 	}
 	tctx, cancel := context.WithTimeout(ctx, n.cfg.TickInterval)
-	res, err := n.Propose(tctx, cluster.Command{Op: cluster.OpTick, Now: now, Since: *since})
+	res, err := n.Propose(tctx, cluster.Command{Op: cluster.OpTick, Now: now, Since: *since, Node: n.cfg.ID})
 	cancel()
 	switch {
 	case err != nil:

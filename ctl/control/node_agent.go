@@ -249,6 +249,14 @@ func (a *Agent) heartbeat(ctx context.Context) error {
 	return nil
 }
 
+// attemptTimeout is how long one control node gets to answer one call:
+// half the suspect timeout, at least a second.
+func (a *Agent) attemptTimeout() time.Duration {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return max(time.Second, a.mu.suspect/2)
+}
+
 // call sends one request to the first control URL that answers.
 func (a *Agent) call(ctx context.Context, method, path string, body, out any) error {
 	var b []byte
@@ -263,18 +271,25 @@ func (a *Agent) call(ctx context.Context, method, path string, body, out any) er
 		if !strings.Contains(base, "://") {
 			base = "http://" + base
 		}
-		req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(base, "/")+path, bytes.NewReader(b))
+		// One node's attempt is bounded well under the suspect timeout: a
+		// control node cut off from the network (packets dropped) must
+		// not make this node miss its heartbeats while others answer.
+		actx, cancel := context.WithTimeout(ctx, a.attemptTimeout())
+		req, err := http.NewRequestWithContext(actx, method, strings.TrimRight(base, "/")+path, bytes.NewReader(b))
 		if err != nil {
+			cancel()
 			return fmt.Errorf("%w: %v", api.ErrInvalid, err)
 		}
 		req.Header.Set("Content-Type", "application/json")
 		resp, err := a.cfg.Client.Do(req)
 		if err != nil {
+			cancel()
 			last = err
 			continue
 		}
 		data, _ := io.ReadAll(io.LimitReader(resp.Body, MaxBodyBytes))
 		resp.Body.Close()
+		cancel()
 		if resp.StatusCode == http.StatusServiceUnavailable {
 			last = fmt.Errorf("%s %s: %s", method, base+path, strings.TrimSpace(string(data)))
 			continue

@@ -52,6 +52,19 @@ func (c catalog) List(ctx context.Context) ([]target.Export, error) {
 func (c catalog) Open(ctx context.Context, name string) (target.Device, error) {
 	n := c.n
 	n.mu.Lock()
+	_, known := n.mu.vols[name]
+	n.mu.Unlock()
+	if !known {
+		// Created since the last poll, perhaps: ask the control plane.
+		if cv, err := n.cfg.Control.ClusterVolume(ctx, name); err == nil {
+			n.mu.Lock()
+			if _, ok := n.mu.vols[name]; !ok {
+				n.mu.vols[name] = cv
+			}
+			n.mu.Unlock()
+		}
+	}
+	n.mu.Lock()
 	defer n.mu.Unlock()
 	v, ok := n.mu.vols[name]
 	if !ok {
