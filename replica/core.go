@@ -100,8 +100,14 @@ var (
 )
 
 // maxAppendBytes bounds the write data of one Append (several entries; one
-// larger entry goes alone), well under wire.MaxBody.
-const maxAppendBytes = 16 << 20
+// larger entry goes alone), well under wire.MaxBody; maxInflightBytes the
+// write data sent to a peer past its ack; maxCatchupBytes both, for a peer
+// out of the commit quorum (catching up).
+const (
+	maxAppendBytes   = 16 << 20
+	maxInflightBytes = 64 << 20
+	maxCatchupBytes  = 4 << 20
+)
 
 // Role of a replica.
 type Role uint8
@@ -1010,7 +1016,22 @@ func (c *Core) sendAppends() {
 		if p.probing && c.hbDue {
 			p.probeSent = false
 		}
-		for p.next <= last && p.next <= p.match+api.OpNum(c.cfg.MaxInflight) && !p.probeSent {
+		// Write data in flight (sent past the ack) is bounded too, tighter
+		// for a peer catching up: its copy must not take the driver's
+		// loop, the disk and the network from the ops in flight (the
+		// driver reads the data of old entries back from its journal).
+		limit, frame := int64(maxInflightBytes), int64(maxAppendBytes)
+		if !p.quorum() {
+			limit, frame = maxCatchupBytes, maxCatchupBytes
+		}
+		var inflight int64
+		for i := max(p.match, c.snapIndex) + 1; i < p.next && i <= last; i++ {
+			if e := c.entry(i); e.Kind == wire.KindWrite {
+				inflight += e.Len
+			}
+		}
+		for p.next <= last && p.next <= p.match+api.OpNum(c.cfg.MaxInflight) && !p.probeSent &&
+			(inflight < limit || p.next == p.match+1) {
 			hi := min(last, p.next+api.OpNum(c.cfg.MaxAppend)-1)
 			// Bound the frame too: write entries carry their data on the
 			// wire (the driver fills it in), and a frame over the wire's
@@ -1018,12 +1039,14 @@ func (c *Core) sendAppends() {
 			var bytes int64
 			for i := p.next; i <= hi; i++ {
 				if e := c.entry(i); e.Kind == wire.KindWrite {
-					if bytes += e.Len; bytes > maxAppendBytes && i > p.next {
+					if bytes += e.Len; bytes > frame && i > p.next {
 						hi = i - 1
+						bytes -= e.Len
 						break
 					}
 				}
 			}
+			inflight += bytes
 			t, _ := c.term(p.next - 1)
 			c.send(wire.Msg{Type: wire.TypeAppend, To: id, PrevOp: p.next - 1, PrevEpoch: t,
 				Entries: c.entries(p.next, hi), Commit: c.commit, Sync: sync})

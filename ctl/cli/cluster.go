@@ -382,8 +382,7 @@ const replicationNote = "every write is committed on the primary and every in-sy
 // routes; against `stord dev` it prints v alone.
 func (a *app) showPlaced(ctx context.Context, v api.Volume) error {
 	cv, err := a.c.ClusterVolume(ctx, v.Name)
-	var ce *client.Error
-	if err != nil && (errors.As(err, &ce) || errors.Is(err, api.ErrNotFound)) {
+	if errors.Is(err, api.ErrNotFound) {
 		return a.printVolume(v) // no cluster routes here (or the volume went away meanwhile)
 	}
 	if err != nil {

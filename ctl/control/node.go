@@ -98,7 +98,7 @@ type NodeConfig struct {
 
 	HeartbeatTimeout   time.Duration    // 500ms
 	ElectionTimeout    time.Duration    // 500ms
-	LeaderLeaseTimeout time.Duration    // HeartbeatTimeout/2
+	LeaderLeaseTimeout time.Duration    // HeartbeatTimeout (a leader that heard no quorum that long steps down)
 	CommitTimeout      time.Duration    // 10ms
 	SnapshotThreshold  uint64           // entries between snapshots; 1024
 	ApplyTimeout       time.Duration    // bound on one Propose when ctx has no deadline; 10s
@@ -145,7 +145,10 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		cfg.ElectionTimeout = 500 * time.Millisecond
 	}
 	if cfg.LeaderLeaseTimeout == 0 {
-		cfg.LeaderLeaseTimeout = cfg.HeartbeatTimeout / 2
+		// Not shorter: with one voter of three down, every gap of this
+		// long to the other (a loaded 2-core machine has them) made the
+		// leader step down, many times a minute.
+		cfg.LeaderLeaseTimeout = cfg.HeartbeatTimeout
 	}
 	if cfg.CommitTimeout == 0 {
 		cfg.CommitTimeout = 10 * time.Millisecond
