@@ -583,7 +583,9 @@ func (r *Replica) Background(ctx context.Context, force bool) (FlushResult, erro
 	if err := r.Err(); err != nil {
 		return FlushResult{}, err
 	}
-	r.bgMu.Lock()
+	if !r.bgMu.TryLock() {
+		return FlushResult{}, nil // a snapshot transfer or install holds it: next time
+	}
 	defer r.bgMu.Unlock()
 	// The map as of now goes to Pebble first (Flush makes it durable
 	// before it removes anything), so keep counts from it.

@@ -9,8 +9,9 @@ package replica
 //
 //	primary                                          secondary
 //	Core: Snapshot(Index N) in Ready.Messages
-//	  view = the extent map at N (a copy of its extents; the data they
-//	  point at is never deleted on a replicated partition, see Rules)
+//	  sender goroutine: holds bgMu (no Background moves or deletes data
+//	  meanwhile); view = the extent map now (a copy of its extents: the
+//	  state at N or after, see Rules)
 //	  sender goroutine:
 //	SnapChunk(N, part 0, pieces...) -------------->  staged: each part's data
 //	SnapChunk(N, part 1, ...)       -------------->  written as a new object
@@ -53,9 +54,13 @@ package replica
 //     epoch; Appends are not stepped while a transfer is staged (their
 //     rejects would only ask for another snapshot); a chunk of another
 //     transfer (epoch or index) starts over and drops what was staged.
-//   - The data a view points at stays readable for the transfer: a
-//     replicated partition runs no Flush or reclaim (see replicated.go),
-//     so journal segments and objects are never deleted under it.
+//   - The data a view points at stays readable for the transfer: the
+//     sender holds bgMu, so no Background moves or deletes anything. The
+//     view may be of a state past N (ops applied between the Ready and
+//     the sender's start): installing it at N and then replaying the ops
+//     after N gives the same state, since every op overwrites its range
+//     whatever was there (writes, zeroes, trims), and the replica serves
+//     no read until it has caught up and joined the in-sync set.
 //   - Request ids of applied ops (Seen) ride in the final Snapshot message
 //     as the Core sends them; an installed state's ids live in the Core
 //     only (a restart right after an install forgets them).
@@ -116,7 +121,6 @@ func (r *Replica) startSnapshot(m *wire.Msg) {
 		r.log.Error("snapshot asked at an opnum other than the applied one; not sent", "index", m.Index, "applied", r.applied)
 		return
 	}
-	view := r.p.m.Lookup(nil, 0, 1<<62)
 	s := &snapSender{to: m.To, index: m.Index, acks: make(chan uint64, 64), done: make(chan struct{})}
 	r.senders[m.To] = s
 	final := *m
@@ -126,6 +130,11 @@ func (r *Replica) startSnapshot(m *wire.Msg) {
 	go func() {
 		defer r.replies.Done()
 		defer close(s.done)
+		// No Background while the view is read: it could move the data
+		// the view points at and delete where it was.
+		r.bgMu.Lock()
+		defer r.bgMu.Unlock()
+		view := r.p.m.Lookup(nil, 0, 1<<62)
 		start := time.Now()
 		n, err := r.sendSnapshot(s, epoch, view, &final)
 		if err != nil {
