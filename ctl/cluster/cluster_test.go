@@ -338,6 +338,41 @@ func TestInSyncReplicasDieTogether(t *testing.T) {
 	roundTrip(t, m)
 }
 
+// TestLateSecondaryKeepsPlacement: the primary dies while its only
+// in-sync secondary is late (its heartbeats stopped too, a tick later): the
+// partition is not torn down around the late secondary; when it turns
+// out alive, the next tick frees the role for it.
+func TestLateSecondaryKeepsPlacement(t *testing.T) {
+	m := newMap(t, 3)
+	mustApply(t, m, vol("v", mib, 2))
+	v, _ := m.Volume("v")
+	p := v.Partitions[0]
+	pri, sec := p.Primary, p.Secondaries[0]
+	var third api.NodeID
+	for i := 1; i <= 3; i++ {
+		if id := nid(i); id != pri && id != sec {
+			third = id
+		}
+	}
+	// sec last heard at 7s: late (> 4s) but not dead (< 10s) at 12s.
+	mustApply(t, m, Command{Op: OpHeartbeat, Now: t0.Add(7 * time.Second), Node: sec, Health: 100})
+	mustApply(t, m, Command{Op: OpHeartbeat, Now: t0.Add(12 * time.Second), Node: third, Health: 100})
+	r := mustApply(t, m, Command{Op: OpTick, Now: t0.Add(12 * time.Second)})
+	if !slices.Equal(r.Dead, []api.NodeID{pri}) {
+		t.Fatalf("dead %v, want [%s]", r.Dead, pri)
+	}
+	v, _ = m.Volume("v")
+	if q := v.Partitions[0]; q.Primary != pri || len(q.InSync) != 2 {
+		t.Fatalf("placement torn down around a late secondary: %+v", q)
+	}
+	mustApply(t, m, Command{Op: OpHeartbeat, Now: t0.Add(13 * time.Second), Node: sec, Health: 100})
+	mustApply(t, m, Command{Op: OpTick, Now: t0.Add(13 * time.Second)})
+	v, _ = m.Volume("v")
+	if q := v.Partitions[0]; q.Primary != "" || !slices.Equal(q.InSync, []api.NodeID{sec}) {
+		t.Fatalf("after the secondary heartbeats: %+v", q)
+	}
+}
+
 // TestLeaderIsNotDeclaredDead: the tick's proposer is alive by definition.
 func TestLeaderIsNotDeclaredDead(t *testing.T) {
 	m := newMap(t, 2)

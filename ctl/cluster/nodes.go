@@ -161,8 +161,9 @@ func (m *Map) tick(c Command) (Result, error) {
 // every partition that keeps a live in-sync replica: a dead primary's role
 // is freed for one of them (elect work), dead secondaries and reserves are
 // replaced, and the dead leave the in-sync set. A partition whose in-sync
-// replicas are all dead (several nodes died at once, or the primary alone
-// was in sync) is left as it is, primary and in-sync set included: only
+// replicas are all dead or late (several nodes died or were cut off at
+// once, perhaps a tick apart, or the primary alone was in sync) is left as
+// it is, primary and in-sync set included: only
 // those replicas may hold every acknowledged write, so it waits for one of
 // them (stuck work, recorded once); when one comes back, a later tick
 // evicts the others around it. Run at every tick, so a revived in-sync
@@ -172,6 +173,10 @@ func (m *Map) evictDead(pl *placer, now time.Time) []Work {
 		n, ok := m.Nodes[id]
 		return !ok || n.State == StateDead
 	}
+	// A late node (missed heartbeats, not dead yet) may be cut off like
+	// the dead one and die at the next tick: it does not count as the
+	// live in-sync replica that lets the dead be evicted.
+	gone := func(id api.NodeID) bool { return dead(id) || m.Nodes[id].Late }
 	var out []Work
 	for _, name := range m.volumeNames() {
 		v := m.Volumes[name]
@@ -181,7 +186,7 @@ func (m *Map) evictDead(pl *placer, now time.Time) []Work {
 				continue
 			}
 			live := slices.DeleteFunc(slices.Clone(p.InSync), dead)
-			if len(p.InSync) > 0 && len(live) == 0 {
+			if len(p.InSync) > 0 && !slices.ContainsFunc(live, func(id api.NodeID) bool { return !gone(id) }) {
 				lost := p.Primary
 				if lost == "" {
 					lost = p.InSync[0]
