@@ -797,21 +797,44 @@ func (r *Replica) drain() {
 
 // Log compaction: the Core's log (and pos) keeps at most about
 // compactAbove entries; past that it forgets all but the last compactKeep
-// applied ones. A peer that needs a forgotten entry gets a snapshot.
+// applied ones, and none a catching-up peer still needs while the log is
+// under compactLimit. A peer that needs a forgotten entry gets a snapshot.
+// (Reads are log entries too.)
 // (Variables for tests.) seenKeep is how many ops before the persisted
 // map Background keeps in the journal for a restart (MaxSeen: their
 // request ids, and the applied op's epoch).
 var (
 	compactKeep  api.OpNum = 1 << 16
 	compactAbove api.OpNum = 1 << 17
+	compactLimit api.OpNum = 1 << 20 // entries kept for peers catching up, at most
 	seenKeep     api.OpNum = MaxSeen
 )
 
 func (r *Replica) compact() {
-	if r.failed.Load() != nil || r.core.LastIndex()+1-r.base < compactAbove || r.applied < compactKeep {
+	n := r.core.LastIndex() + 1 - r.base
+	if r.failed.Load() != nil || n < compactAbove || r.applied < compactKeep {
 		return
 	}
-	r.core.Compact(r.applied - compactKeep)
+	upTo := r.applied - compactKeep
+	// A peer catching up (by appends, or by a snapshot transfer under
+	// way) keeps the entries it still needs, unless the log grows past
+	// compactLimit: compacting them away would only make it start over
+	// with a new snapshot.
+	if n < compactLimit {
+		for _, p := range r.core.Progress() {
+			if !p.InSync && !p.NeedSnap {
+				upTo = min(upTo, p.Match)
+			}
+		}
+		for _, s := range r.senders {
+			select {
+			case <-s.done:
+			default:
+				upTo = min(upTo, s.index)
+			}
+		}
+	}
+	r.core.Compact(upTo)
 	if upTo := r.core.SnapIndex(); upTo >= r.base {
 		r.pos = append(r.pos[:0:0], r.pos[upTo+1-r.base:]...)
 		r.base = upTo + 1
