@@ -221,6 +221,10 @@ func TestMembershipLease(t *testing.T) {
 	if len(r.Dead) != 0 {
 		t.Fatalf("dead %v within the new leader's grace", r.Dead)
 	}
+	// Nor late: the suspect clock starts with the leader too.
+	if n, _ := m.Node("n2"); n.State != StateActive {
+		t.Fatalf("n2 (heard at 5s) under a leader since 9s, at 11s: %s; want active", n.State)
+	}
 	held := m.Grants("n1")
 	if len(held) == 0 {
 		t.Fatal("n1 holds nothing; placement should have used every node")

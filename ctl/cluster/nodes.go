@@ -137,18 +137,23 @@ func (m *Map) tick(c Command) (Result, error) {
 		if n.State == StateDead || n.ID == c.Node {
 			continue // the proposer (the leader) is alive by definition
 		}
-		ref := n.LastHeartbeat
-		if grace := c.Since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); grace.After(ref) {
-			ref = grace
+		// Both clocks start no earlier than the leader's own: dead past
+		// the lease once the leader has led for the suspect timeout, late
+		// past the suspect timeout counted from the leader's start.
+		dead, late := n.LastHeartbeat, n.LastHeartbeat
+		if g := c.Since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); g.After(dead) {
+			dead = g
 		}
-		age := c.Now.Sub(ref)
-		if age > m.Config.LeaseTimeout {
+		if c.Since.After(late) {
+			late = c.Since
+		}
+		if c.Now.Sub(dead) > m.Config.LeaseTimeout {
 			n.State = StateDead
 			n.Late = true
 			res.Dead = append(res.Dead, id)
 			continue
 		}
-		n.Late = age > m.Config.SuspectTimeout
+		n.Late = c.Now.Sub(late) > m.Config.SuspectTimeout
 		n.refresh(m.Config)
 	}
 	pl := m.newPlacer()
