@@ -1265,10 +1265,19 @@ func saveHard(fs vfs.FS, dir, name string, h HardState) error {
 	b = append(b, byte(len(h.Primary)))
 	b = append(b, h.Primary...)
 	b = binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
+	if err := replaceDurable(fs, dir, name, b); err != nil {
+		return fmt.Errorf("replica: save hard state in %s: %w", name, err)
+	}
+	return nil
+}
+
+// replaceDurable replaces file name in dir with b, durably: it writes and
+// fsyncs name.tmp, renames it over name and fsyncs dir.
+func replaceDurable(fs vfs.FS, dir, name string, b []byte) error {
 	tmp := name + ".tmp"
 	f, err := fs.Create(tmp)
 	if err != nil {
-		return fmt.Errorf("replica: create %s: %w", tmp, err)
+		return err
 	}
 	_, err = f.Write(b)
 	if err == nil {
@@ -1280,17 +1289,15 @@ func saveHard(fs vfs.FS, dir, name string, h HardState) error {
 	if err == nil {
 		err = fs.Rename(tmp, name)
 	}
-	if err == nil {
-		var d vfs.File
-		if d, err = fs.OpenDir(dir); err == nil {
-			err = d.Sync()
-			d.Close()
-		}
-	}
 	if err != nil {
-		return fmt.Errorf("replica: save hard state in %s: %w", name, err)
+		return err
 	}
-	return nil
+	d, err := fs.OpenDir(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
 }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)

@@ -72,8 +72,6 @@ import (
 	"os"
 	"time"
 
-	"github.com/cockroachdb/pebble/vfs"
-
 	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/erasure"
 	"stor.dev/stor/metastore"
@@ -390,7 +388,7 @@ func (r *Replica) install(snap *Snapshot) error {
 	defer r.bgMu.Unlock()
 	p := r.p
 	fs, marker := p.opts.FS, p.opts.FS.PathJoin(p.opts.Dir, installFile)
-	if err := writeDurable(fs, p.opts.Dir, marker, []byte(fmt.Sprintf("%d %d\n", snap.Epoch, snap.Index))); err != nil {
+	if err := replaceDurable(fs, p.opts.Dir, marker, []byte(fmt.Sprintf("%d %d\n", snap.Epoch, snap.Index))); err != nil {
 		return fmt.Errorf("install marker: %w", err)
 	}
 	r.cutMu.Lock()
@@ -455,30 +453,6 @@ func (r *Replica) install(snap *Snapshot) error {
 	p.seq.Unlock()
 	r.log.Info("snapshot installed", "index", snap.Index, "epoch", snap.Epoch, "extents", len(st.extents), "objects", len(st.objects))
 	return nil
-}
-
-// writeDurable writes b to name (in dir) and makes it durable.
-func writeDurable(fs vfs.FS, dir, name string, b []byte) error {
-	f, err := fs.Create(name)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	d, err := fs.OpenDir(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // wipeIfMarked empties a partition whose install did not finish (the

@@ -90,7 +90,7 @@ func TestSnapshotInstallInterrupted(t *testing.T) {
 	c.quiesce("n1", "n2")
 	nd := c.node("n2")
 	c.stop(nd, false)
-	if err := writeDurable(nd.fs, "journal", nd.fs.PathJoin("journal", installFile), []byte("1 5\n")); err != nil {
+	if err := replaceDurable(nd.fs, "journal", nd.fs.PathJoin("journal", installFile), []byte("1 5\n")); err != nil {
 		t.Fatal(err)
 	}
 	c.open(nd)

@@ -485,15 +485,6 @@ func (l *netnsLab) replicated(h *nsHost, vol string, want int, without string) (
 	return v, true
 }
 
-// fioRun is what the test reads of fio's JSON output.
-type fioRun struct {
-	Error      int
-	WriteBytes int64
-	WriteMaxMs float64
-	WriteIOPS  float64
-	ReadBytes  int64
-}
-
 // startFio runs fio in the initiator's namespace with the cut-off job's
 // options and extra, writing its JSON to dir/name.json; its working
 // directory is dir, so that nothing lands in the package's.
@@ -522,29 +513,11 @@ func (l *netnsLab) waitFio(p *nsProc, out string) fioRun {
 	if p.werr != nil || rerr != nil {
 		l.t.Fatalf("%s: %v %v\n%s\n%s\n%s", p.name, p.werr, rerr, p.out.String(), b, l.logs())
 	}
-	if i := strings.IndexByte(string(b), '{'); i > 0 {
-		b = b[i:] // the nbd engine prints a line first
-	}
-	var doc struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Write struct {
-				IOBytes int64   `json:"io_bytes"`
-				IOPS    float64 `json:"iops"`
-				LatNs   struct {
-					Max float64 `json:"max"`
-				} `json:"lat_ns"`
-			} `json:"write"`
-			Read struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"read"`
-		} `json:"jobs"`
-	}
-	if err := json.Unmarshal(b, &doc); err != nil || len(doc.Jobs) != 1 {
+	res, err := parseFio(b)
+	if err != nil {
 		l.t.Fatalf("%s output: %v\n%s", p.name, err, b)
 	}
-	j := doc.Jobs[0]
-	return fioRun{Error: j.Error, WriteBytes: j.Write.IOBytes, WriteMaxMs: j.Write.LatNs.Max / 1e6, WriteIOPS: j.Write.IOPS, ReadBytes: j.Read.IOBytes}
+	return res
 }
 
 // cutOffSize is how much the cut-off test's fio job writes and verifies:

@@ -48,18 +48,51 @@ func waitReplicated(t *testing.T, c *testCluster, via int, vol string, want int,
 	return v
 }
 
-// fioResult is what the replication tests read of fio's JSON output.
-type fioResult struct {
+// fioRun is what the replication tests read of fio's JSON output.
+type fioRun struct {
 	Error      int
+	WriteBytes int64
 	WriteMaxMs float64
-	ReadBytes  int64
 	WriteIOPS  float64
+	ReadBytes  int64
+}
+
+// parseFio reads fio's JSON output of one job (the nbd engine prints a
+// line before it).
+func parseFio(b []byte) (fioRun, error) {
+	if i := strings.IndexByte(string(b), '{'); i > 0 {
+		b = b[i:]
+	}
+	var doc struct {
+		Jobs []struct {
+			Error int `json:"error"`
+			Write struct {
+				IOBytes int64   `json:"io_bytes"`
+				IOPS    float64 `json:"iops"`
+				LatNs   struct {
+					Max float64 `json:"max"`
+				} `json:"lat_ns"`
+			} `json:"write"`
+			Read struct {
+				IOBytes int64 `json:"io_bytes"`
+			} `json:"read"`
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return fioRun{}, err
+	}
+	if len(doc.Jobs) != 1 {
+		return fioRun{}, fmt.Errorf("%d jobs in fio's output, want 1", len(doc.Jobs))
+	}
+	j := doc.Jobs[0]
+	return fioRun{Error: j.Error, WriteBytes: j.Write.IOBytes, WriteMaxMs: j.Write.LatNs.Max / 1e6,
+		WriteIOPS: j.Write.IOPS, ReadBytes: j.Read.IOBytes}, nil
 }
 
 // fioVerify runs a bounded fio write+verify job against url, calling
 // during (in another goroutine) once fio has run for after, and returns
 // what fio reported. fio exits non-zero on any I/O or verify error.
-func fioVerify(t *testing.T, url, size string, after time.Duration, during func()) fioResult {
+func fioVerify(t *testing.T, url, size string, after time.Duration, during func()) fioRun {
 	t.Helper()
 	fio := needTool(t, "fio")
 	out := filepath.Join(t.TempDir(), "fio.json")
@@ -92,28 +125,11 @@ func fioVerify(t *testing.T, url, size string, after time.Duration, during func(
 	if err != nil || rerr != nil {
 		t.Fatalf("fio: %v %v\n%s\n%s", err, rerr, stderr.String(), b)
 	}
-	var doc struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Write struct {
-				IOPS  float64 `json:"iops"`
-				LatNs struct {
-					Max float64 `json:"max"`
-				} `json:"lat_ns"`
-			} `json:"write"`
-			Read struct {
-				IOBytes int64 `json:"io_bytes"`
-			} `json:"read"`
-		} `json:"jobs"`
-	}
-	if i := strings.IndexByte(string(b), '{'); i > 0 {
-		b = b[i:] // the nbd engine prints a line first
-	}
-	if err := json.Unmarshal(b, &doc); err != nil || len(doc.Jobs) != 1 {
+	res, err := parseFio(b)
+	if err != nil {
 		t.Fatalf("fio output: %v\n%s", err, b)
 	}
-	j := doc.Jobs[0]
-	return fioResult{Error: j.Error, WriteMaxMs: j.Write.LatNs.Max / 1e6, ReadBytes: j.Read.IOBytes, WriteIOPS: j.Write.IOPS}
+	return res
 }
 
 // TestClusterReplicatedFailover: a 2-replica volume on three `stord run`

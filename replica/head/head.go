@@ -329,12 +329,7 @@ func (n *Node) flusher(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		n.mu.Lock()
-		reps := make([]*held, 0, len(n.mu.reps))
-		for _, h := range n.mu.reps {
-			reps = append(reps, h)
-		}
-		n.mu.Unlock()
+		reps := n.heldList()
 		for _, h := range reps {
 			h.bg.Lock()
 			if !h.closed {
@@ -350,14 +345,21 @@ func (n *Node) flusher(ctx context.Context) {
 	}
 }
 
-// Status returns every Replica the node holds, by volume and partition.
-func (n *Node) Status() []api.ReplicaStatus {
+// heldList returns the Replicas the node holds now, to work on without
+// the lock.
+func (n *Node) heldList() []*held {
 	n.mu.Lock()
+	defer n.mu.Unlock()
 	reps := make([]*held, 0, len(n.mu.reps))
 	for _, h := range n.mu.reps {
 		reps = append(reps, h)
 	}
-	n.mu.Unlock()
+	return reps
+}
+
+// Status returns every Replica the node holds, by volume and partition.
+func (n *Node) Status() []api.ReplicaStatus {
+	reps := n.heldList()
 	out := make([]api.ReplicaStatus, 0, len(reps))
 	for _, h := range reps {
 		st := h.rep.Status()
@@ -383,12 +385,7 @@ func (n *Node) Status() []api.ReplicaStatus {
 // syncJournals is the metastore's BeforeFlush hook: every journal durable
 // before the extent maps that point into it.
 func (n *Node) syncJournals() {
-	n.mu.Lock()
-	reps := make([]*held, 0, len(n.mu.reps))
-	for _, h := range n.mu.reps {
-		reps = append(reps, h)
-	}
-	n.mu.Unlock()
+	reps := n.heldList()
 	for _, h := range reps {
 		if err := h.rep.SyncJournal(context.Background()); err != nil && !errors.Is(err, replica.ErrReplicaClosed) {
 			n.log.Error("journal sync before a metadata flush failed", "volume", h.volume, "partition", h.index, "err", err)

@@ -244,6 +244,25 @@ func (tc *testCluster) open(id api.NodeID, vol string) target.Device {
 	return d
 }
 
+// createOne creates volume name of one partition of size bytes with 2
+// replicas and returns it with its primary, its secondary and the node
+// holding neither.
+func (tc *testCluster) createOne(name string, size int64) (v cluster.Volume, primary, sec, other api.NodeID) {
+	tc.t.Helper()
+	if _, err := tc.ctl.apply(cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{
+		Name: name, Size: size, PartitionSize: size, Replicas: 2}}); err != nil {
+		tc.t.Fatal(err)
+	}
+	v = tc.ctl.volume(tc.t, name)
+	primary, sec = v.Partitions[0].Primary, v.Partitions[0].Secondaries[0]
+	for id := range tc.nodes {
+		if id != primary && id != sec {
+			other = id
+		}
+	}
+	return v, primary, sec, other
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
@@ -394,18 +413,7 @@ func TestReplicatedVolume(t *testing.T) {
 func TestDualIsolation(t *testing.T) {
 	tc := newTestCluster(t, 3)
 	const size = 1 << 20
-	if _, err := tc.ctl.apply(cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{
-		Name: "v", Size: size, PartitionSize: size, Replicas: 2}}); err != nil {
-		t.Fatal(err)
-	}
-	v := tc.ctl.volume(t, "v")
-	primary, sec := v.Partitions[0].Primary, v.Partitions[0].Secondaries[0]
-	var healthy api.NodeID
-	for id := range tc.nodes {
-		if id != primary && id != sec {
-			healthy = id
-		}
-	}
+	_, primary, sec, healthy := tc.createOne("v", size)
 	dev := tc.open(healthy, "v")
 	defer dev.Close()
 	ctx := context.Background()
@@ -466,18 +474,7 @@ func TestProvisionAfterRestart(t *testing.T) {
 		size = 2 << 20
 		bs   = 4096
 	)
-	if _, err := tc.ctl.apply(cluster.Command{Op: cluster.OpCreateVolume, Create: &cluster.VolumeSpec{
-		Name: "v", Size: size, PartitionSize: size, Replicas: 2}}); err != nil {
-		t.Fatal(err)
-	}
-	v := tc.ctl.volume(t, "v")
-	primary, sec := v.Partitions[0].Primary, v.Partitions[0].Secondaries[0]
-	var third api.NodeID
-	for id := range tc.nodes {
-		if id != primary && id != sec {
-			third = id
-		}
-	}
+	v, primary, sec, third := tc.createOne("v", size)
 	dev := tc.open(primary, "v")
 	ctx := context.Background()
 	want := make([]byte, size)
