@@ -210,7 +210,7 @@ func TestClusterReplicatedFailover(t *testing.T) {
 		}
 	}
 	if drained == "" {
-		t.Skip("every primary is on the exporting node; nothing to drain") // placement spreads primaries; never seen
+		t.Fatalf("every primary is on the exporting node n%d: placement should spread them: %+v", exporter, w.Placement)
 	}
 	res = fioVerify(t, url, "64M", 2*time.Second, func() {
 		if r := c.storctl(exporter, "node", "drain", drained); r.err != nil {
