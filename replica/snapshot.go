@@ -148,10 +148,7 @@ var errSnapAbandoned = errors.New("replica: snapshot transfer abandoned")
 
 // sendSnapshot runs on its own goroutine: the parts of view, then final.
 func (r *Replica) sendSnapshot(s *snapSender, epoch api.Epoch, view []metastore.Extent, final *wire.Msg) (int64, error) {
-	parts, err := r.snapParts(view)
-	if err != nil {
-		return 0, err
-	}
+	parts := snapParts(view)
 	var sent int64 // bytes of data, for the rate
 	rate := r.cfg.SnapshotRate
 	start := time.Now()
@@ -202,8 +199,9 @@ func (r *Replica) sendSnapshot(s *snapSender, epoch api.Epoch, view []metastore.
 	return sent, nil
 }
 
-// snapParts splits view into parts: [from, to) ranges of pieces.
-func (r *Replica) snapParts(view []metastore.Extent) ([][]metastore.Extent, error) {
+// snapParts splits view into parts: runs of pieces, each part at most
+// snapPart bytes of data and wire.MaxEntries pieces.
+func snapParts(view []metastore.Extent) [][]metastore.Extent {
 	var parts [][]metastore.Extent
 	var cur []metastore.Extent
 	var bytes int64
@@ -236,7 +234,7 @@ func (r *Replica) snapParts(view []metastore.Extent) ([][]metastore.Extent, erro
 	if len(parts) == 0 {
 		parts = append(parts, nil) // an empty state is one empty last part
 	}
-	return parts, nil
+	return parts
 }
 
 // snapPart builds part i's message, reading its data.
