@@ -313,19 +313,20 @@ type Replica struct {
 	replies sync.WaitGroup
 
 	// Owned by run.
-	core    *Core
-	waiting map[uint64]*request
-	pending map[uint64][]byte    // write data by request id, until its note is written
-	stash   map[noteKey][]byte   // write data of received appends, until Ready hands them
-	fresh   map[api.OpNum][]byte // write data of the notes written in this Ready
-	base    api.OpNum            // opnum of pos[0]
-	pos     []journal.Pos        // journal position of every entry from base on
-	applied api.OpNum            // last op applied to the extent map
-	snapLog time.Time            // last time a dropped snapshot was logged
-	loopLog time.Time            // last time a Ready loop was logged
-	scratch []byte               // note aux
-	senders map[api.NodeID]*snapSender
-	staged  *staged // a snapshot being received
+	core       *Core
+	waiting    map[uint64]*request
+	pending    map[uint64][]byte    // write data by request id, until its note is written
+	stash      map[noteKey][]byte   // write data of received appends, until Ready hands them
+	fresh      map[api.OpNum][]byte // write data of the notes written in this Ready
+	base       api.OpNum            // opnum of pos[0]
+	pos        []journal.Pos        // journal position of every entry from base on
+	applied    api.OpNum            // last op applied to the extent map
+	snapLog    time.Time            // last time a dropped snapshot was logged
+	loopLog    time.Time            // last time a Ready loop was logged
+	scratch    []byte               // note aux
+	senders    map[api.NodeID]*snapSender
+	staged     *staged // a snapshot being received
+	installing *staged // a received one, stepped into the Core, until its Ready installs it
 }
 
 // idleGuard is what OpenReplicaPartition leaves in Partition.failed: its
@@ -865,6 +866,8 @@ func (r *Replica) fail(err error) {
 
 func (r *Replica) shutdown() {
 	r.dropStaged()
+	r.dropObjects(r.installing)
+	r.installing = nil
 	for id, q := range r.waiting {
 		q.done <- Completion{ReqID: id, Kind: q.kind, Err: ErrReplicaClosed}
 	}
@@ -894,6 +897,7 @@ func (r *Replica) step(m *wire.Msg) bool {
 			r.logSnapshot("snapshot without its staged parts dropped", m)
 			return true
 		}
+		r.stepFinal()
 	case wire.TypeAppend:
 		if st := r.staged; st != nil && m.Epoch == st.epoch && !st.done {
 			return true // a transfer from this primary is under way (see snapshot.go)

@@ -19,9 +19,11 @@ package replica
 //	              <-------------- SnapAck(N, next)   in memory (not yet in the map)
 //	SnapChunk(N, part k, FlagLast)  -------------->
 //	              <-------------- SnapAck(N, k+1)
-//	Snapshot(N, seen ids)           -------------->  step: the Core takes it;
+//	Snapshot(N, seen ids)           -------------->  step: the Core takes it
+//	                                                 (stepFinal: no longer staging;
+//	                                                 a next transfer may start);
 //	                                                 its Ready.Snapshot installs
-//	                                                 the staged state (below)
+//	                                                 it (below)
 //
 // Pieces are the view's extents in LBA order: data (split at snapPiece
 // bytes) with its bytes, zeros as a length; holes are not sent. A part
@@ -353,13 +355,25 @@ func (r *Replica) snapChunk(m *wire.Msg) {
 	ack()
 }
 
-// dropStaged abandons a staged transfer and deletes its objects.
+// dropStaged abandons the transfer being staged and deletes its objects.
 func (r *Replica) dropStaged() {
-	st := r.staged
+	r.dropObjects(r.staged)
+	r.staged = nil
+}
+
+// stepFinal takes the staged transfer that the final Snapshot message
+// (now stepped into the Core) ends out of staging: it waits for the
+// Ready that installs it, while a next transfer may start staging.
+func (r *Replica) stepFinal() {
+	r.dropObjects(r.installing) // one the Core did not take
+	r.installing, r.staged = r.staged, nil
+}
+
+// dropObjects deletes the objects st staged.
+func (r *Replica) dropObjects(st *staged) {
 	if st == nil {
 		return
 	}
-	r.staged = nil
 	for seq := range st.objects {
 		if err := r.p.store.Delete(context.Background(), erasure.ShardID{PKey: r.p.pkey, Seq: seq}); err != nil {
 			r.log.Warn("deleting a staged snapshot object", "seq", seq, "err", err)
@@ -378,7 +392,7 @@ func (r *Replica) snapshotReady(m *wire.Msg) bool {
 // of this file). An error leaves the marker: the Replica fails, and a
 // reopen wipes the partition.
 func (r *Replica) install(snap *Snapshot) error {
-	st := r.staged
+	st := r.installing
 	if st == nil || !st.done || st.index != snap.Index {
 		return fmt.Errorf("snapshot at %d: nothing staged for it", snap.Index)
 	}
@@ -444,7 +458,7 @@ func (r *Replica) install(snap *Snapshot) error {
 			}
 		}
 	}
-	r.staged = nil
+	r.installing = nil
 	r.applied, r.base, r.pos = snap.Index, snap.Index+1, r.pos[:0]
 	p.seq.Lock()
 	p.seq.next = uint64(snap.Index) + 1
