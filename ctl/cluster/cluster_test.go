@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand"
 	"slices"
 	"sync"
@@ -819,5 +820,62 @@ func TestDrainRecordsShedWork(t *testing.T) {
 	// finish-work removes an item.
 	if len(m.Work) > 0 {
 		mustApply(t, m, Command{Op: OpFinishWork, Work: m.Work[0].ID})
+	}
+}
+
+// TestNextJudgment checks the deadline a leader ticks at against Tick
+// itself: a tick at the deadline changes no node's state, a tick just
+// after it marks one late or dead; and the deadlines follow the lease, the
+// suspect timeout and a new leader's grace.
+func TestNextJudgment(t *testing.T) {
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	states := func(m *Map) map[api.NodeID]State {
+		out := map[api.NodeID]State{}
+		for _, n := range m.NodeList() {
+			out[n.ID] = n.State
+		}
+		return out
+	}
+	m := newMap(t, 3) // registered at t0: lease 10s, suspect 4s
+	if got := m.NextJudgment("n1", t0); !got.Equal(at(4 * time.Second)) {
+		t.Fatalf("next judgment %v, want n2's suspect deadline at t0+4s", got.Sub(t0))
+	}
+	mustApply(t, m, Command{Op: OpHeartbeat, Now: at(3 * time.Second), Node: "n2", Health: 100})
+	// n3 (heard at 0) turns late at 4s, then dead at 10s; n2 late at 7s.
+	want := []time.Duration{4 * time.Second, 7 * time.Second, 10 * time.Second}
+	for i, w := range want {
+		next := m.NextJudgment("n1", t0)
+		if !next.Equal(at(w)) {
+			t.Fatalf("judgment %d at %v, want %v", i, next.Sub(t0), w)
+		}
+		before := states(m)
+		c := m.Clone()
+		mustApply(t, c, Command{Op: OpTick, Now: next, Node: "n1", Since: t0})
+		if got := states(c); !maps.Equal(got, before) {
+			t.Fatalf("a tick at the deadline %v changed %v to %v", w, before, got)
+		}
+		mustApply(t, m, Command{Op: OpTick, Now: next.Add(time.Millisecond), Node: "n1", Since: t0})
+		if got := states(m); maps.Equal(got, before) {
+			t.Fatalf("a tick just after the deadline %v changed nothing: %v", w, got)
+		}
+	}
+	if s := states(m); s["n3"] != StateDead || s["n2"] != StateIsolating {
+		t.Fatalf("states %v", s)
+	}
+	// Only n2 is left to judge: dead at 3s+10s.
+	if got := m.NextJudgment("n1", t0); !got.Equal(at(13 * time.Second)) {
+		t.Fatalf("next judgment %v, want 13s", got.Sub(t0))
+	}
+	// A new leader n2 since 20s gives n1 (heard at 0) the suspect timeout:
+	// late and dead at 24s, not at once.
+	if got := m.NextJudgment("n2", at(20*time.Second)); !got.Equal(at(24 * time.Second)) {
+		t.Fatalf("under a new leader: %v, want 24s", got.Sub(t0))
+	}
+	r := mustApply(t, m, Command{Op: OpTick, Now: at(24*time.Second + time.Millisecond), Node: "n2", Since: at(20 * time.Second)})
+	if !slices.Equal(r.Dead, []api.NodeID{"n1"}) {
+		t.Fatalf("dead %v, want [n1]", r.Dead)
+	}
+	if got := m.NextJudgment("n2", at(20*time.Second)); !got.IsZero() {
+		t.Fatalf("every other node is dead, next judgment %v", got)
 	}
 }

@@ -137,29 +137,66 @@ func (m *Map) tick(c Command) (Result, error) {
 		if n.State == StateDead || n.ID == c.Node {
 			continue // the proposer (the leader) is alive by definition
 		}
-		// Both clocks start no earlier than the leader's own: dead past
-		// the lease once the leader has led for the suspect timeout, late
-		// past the suspect timeout counted from the leader's start.
-		dead, late := n.LastHeartbeat, n.LastHeartbeat
-		if g := c.Since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); g.After(dead) {
-			dead = g
-		}
-		if c.Since.After(late) {
-			late = c.Since
-		}
-		if c.Now.Sub(dead) > m.Config.LeaseTimeout {
+		lateAt, deadAt := m.deadlines(n, c.Since)
+		if c.Now.After(deadAt) {
 			n.State = StateDead
 			n.Late = true
 			res.Dead = append(res.Dead, id)
 			continue
 		}
-		n.Late = c.Now.Sub(late) > m.Config.SuspectTimeout
+		n.Late = c.Now.After(lateAt)
 		n.refresh(m.Config)
 	}
 	pl := m.newPlacer()
 	res.Work = append(res.Work, m.evictDead(pl, c.Now)...)
 	res.Work = append(res.Work, m.placePending(pl)...)
 	return res, nil
+}
+
+// deadlines returns when node n turns late and dead in the eyes of a
+// leader leading since since: a Tick whose Now is after lateAt marks it
+// late, after deadAt dead. Both clocks start no earlier than the
+// leader's own: dead past the lease once the leader has led for the
+// suspect timeout, late past the suspect timeout counted from the
+// leader's start.
+func (m *Map) deadlines(n *Node, since time.Time) (lateAt, deadAt time.Time) {
+	dead, late := n.LastHeartbeat, n.LastHeartbeat
+	if g := since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); g.After(dead) {
+		dead = g
+	}
+	if since.After(late) {
+		late = since
+	}
+	return late.Add(m.Config.SuspectTimeout), dead.Add(m.Config.LeaseTimeout)
+}
+
+// NextJudgment returns the earliest deadline at which a Tick proposed by
+// leader (leading since since) would mark a node late or dead that it has
+// not marked yet: the proposer can tick just after it instead of waiting
+// for its next periodic tick, so a dead node is declared dead when its
+// lease runs out, not up to a tick period later. The zero time when no
+// node has a pending deadline (none registered, or all dead). A deadline
+// at or before the time of asking means a tick is due now. A heartbeat
+// moves the deadlines later; the proposer asks again after every tick.
+func (m *Map) NextJudgment(leader api.NodeID, since time.Time) time.Time {
+	var next time.Time
+	earlier := func(t time.Time) {
+		if next.IsZero() || t.Before(next) {
+			next = t
+		}
+	}
+	for _, id := range m.nodeIDs() {
+		n := m.Nodes[id]
+		if n.State == StateDead || id == leader {
+			continue
+		}
+		lateAt, deadAt := m.deadlines(n, since)
+		if !n.Late {
+			earlier(lateAt)
+		}
+		earlier(deadAt)
+	}
+	return next
 }
 
 // evictDead releases the roles dead nodes hold and records the work, in

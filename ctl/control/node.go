@@ -41,7 +41,21 @@ import (
 //     gives every node the suspect timeout to reach it (ctl/cluster's
 //     tick) before judging its heartbeats. The period is read again after every
 //     tick, and a configure proposed on this node restarts the wait at once:
-//     lowering the lease shortens the ticks without a restart.
+//     lowering the lease shortens the ticks without a restart. Between
+//     periodic ticks the leader also ticks just after the earliest
+//     deadline the map holds (cluster.Map.NextJudgment): a node is
+//     declared late or dead when its timeout runs out, not up to a tick
+//     period later.
+//   - Hand-off: a leader whose own node holds more partition primaries
+//     than another voter's active node transfers leadership to the voter
+//     holding the fewest (raft's leadership transfer), at most once per
+//     HandoffQuiet and not within HandoffQuiet of becoming leader, and
+//     never while a node is late or a partition has no primary. A node
+//     that is both the leader and a primary costs, when it dies, a raft
+//     election plus the new leader's suspect grace before its partitions
+//     can fail over; with the two apart, the surviving leader declares
+//     the primary dead as soon as its lease runs out. The hand-off moves
+//     no data and changes no epoch. NoHandoff turns it off.
 //   - Read gives the local, possibly stale, map; ConsistentRead first makes
 //     sure this node is the leader and has applied everything committed
 //     before the call (a raft barrier).
@@ -103,6 +117,8 @@ type NodeConfig struct {
 	SnapshotThreshold  uint64           // entries between snapshots; 1024
 	ApplyTimeout       time.Duration    // bound on one Propose when ctx has no deadline; 10s
 	TickInterval       time.Duration    // longest Tick period of the leader (see the rules); 1s; negative: never
+	HandoffQuiet       time.Duration    // least time between leadership hand-offs (see the rules); 3s
+	NoHandoff          bool             // the leader never hands leadership off
 	Now                func() time.Time // the proposer's clock; nil: time.Now
 }
 
@@ -161,6 +177,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	if cfg.TickInterval == 0 {
 		cfg.TickInterval = time.Second
+	}
+	if cfg.HandoffQuiet <= 0 {
+		cfg.HandoffQuiet = 3 * time.Second
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -533,27 +552,118 @@ func (n *Node) tickPeriod() time.Duration {
 	return p
 }
 
-// ticker proposes a Tick every tickPeriod while this node leads. The period
-// counts from one tick's start to the next; a tick that took longer than a
-// period is followed by the next at once.
+// judgmentMargin is how long after a node's deadline the leader ticks: a
+// tick judges a node late or dead only strictly after it.
+const judgmentMargin = time.Millisecond
+
+// ticker proposes a Tick every tickPeriod while this node leads, and just
+// after the map's next deadline when that comes sooner. The period counts
+// from one tick's start to the next; a tick that took longer than a period
+// is followed by the next at once. After a tick, the leader may hand
+// leadership off (see the rules).
 func (n *Node) ticker(ctx context.Context) {
 	defer n.wg.Done()
 	t := time.NewTimer(n.tickPeriod())
 	defer t.Stop()
-	var since time.Time
+	var since, handoff time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-n.retick:
-			t.Reset(n.tickPeriod())
+			t.Reset(n.nextTick(time.Now(), since))
 			continue
 		case <-t.C:
 		}
 		start := time.Now()
 		n.tick(ctx, &since)
-		t.Reset(max(0, time.Until(start.Add(n.tickPeriod()))))
+		n.maybeHandoff(ctx, since, &handoff)
+		t.Reset(n.nextTick(start, since))
 	}
+}
+
+// nextTick is how long to wait for the next tick after one that started at
+// start: the rest of the period, or until just after the map's next
+// deadline if this node leads (since set) and it comes sooner. A deadline
+// already past (the tick failed) waits minTickPeriod, not 0.
+func (n *Node) nextTick(start, since time.Time) time.Duration {
+	wait := max(0, time.Until(start.Add(n.tickPeriod())))
+	if since.IsZero() {
+		return wait
+	}
+	var next time.Time
+	n.fsm.read(func(m *cluster.Map) { next = m.NextJudgment(n.cfg.ID, since) })
+	if next.IsZero() {
+		return wait
+	}
+	return min(wait, max(minTickPeriod, next.Sub(n.cfg.Now())+judgmentMargin))
+}
+
+// maybeHandoff transfers leadership to the voter handoffTarget names, if
+// this node has led for HandoffQuiet (since) and tried no hand-off for as
+// long (*last, set here).
+func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Time) {
+	if n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
+		return
+	}
+	now := n.cfg.Now()
+	if now.Sub(since) < n.cfg.HandoffQuiet || now.Sub(*last) < n.cfg.HandoffQuiet {
+		return
+	}
+	voters, err := n.Voters()
+	if err != nil {
+		return
+	}
+	var to Voter
+	var mine, theirs int
+	n.fsm.read(func(m *cluster.Map) { to, mine, theirs = handoffTarget(m, n.cfg.ID, voters) })
+	if to.ID == "" {
+		return
+	}
+	*last = now
+	n.log.Info("control: handing leadership off to the voter holding the fewest primaries",
+		"to", string(to.ID), "primaries_here", mine, "primaries_there", theirs)
+	hctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout+time.Second)
+	defer cancel()
+	if err := n.wait(hctx, n.raft.LeadershipTransferToServer(raft.ServerID(to.ID), raft.ServerAddress(to.Raft))); err != nil {
+		n.log.Warn("control: leadership hand-off", "to", string(to.ID), "err", err)
+	}
+}
+
+// handoffTarget picks the voter a leader (self) should hand leadership to:
+// the voter whose active node holds the fewest partition primaries (ties:
+// the lower id), if that is fewer than self holds. None (a zero Voter)
+// while a non-dead node is late or a partition has no primary: a failover
+// is under way, and a new leader would judge no node for its suspect
+// grace. It returns the two primary counts too.
+func handoffTarget(m *cluster.Map, self api.NodeID, voters []Voter) (to Voter, mine, theirs int) {
+	primaries := map[api.NodeID]int{}
+	for _, v := range m.Volumes {
+		for i := range v.Partitions {
+			p := &v.Partitions[i]
+			if p.Primary == "" {
+				return Voter{}, 0, 0
+			}
+			primaries[p.Primary]++
+		}
+	}
+	for _, nd := range m.Nodes {
+		if nd.Late && nd.State != cluster.StateDead {
+			return Voter{}, 0, 0
+		}
+	}
+	mine = primaries[self]
+	theirs = mine
+	for _, v := range voters { // sorted by id: the lower id wins a tie
+		nd, ok := m.Nodes[v.ID]
+		if v.ID == self || v.Suffrage != raft.Voter.String() || !ok || nd.State != cluster.StateActive {
+			continue
+		}
+		if c := primaries[v.ID]; c < theirs {
+			to, theirs = v, c
+		}
+	}
+	return to, mine, theirs
 }
 
 // tick proposes one Tick if this node leads; *since is when it became

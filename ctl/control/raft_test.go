@@ -47,7 +47,10 @@ type raftCluster struct {
 	nodes map[api.NodeID]*Node
 	trans map[api.NodeID]*raft.InmemTransport
 	tick  time.Duration
-	apis  map[api.NodeID]string // API addresses to register; default 127.0.0.(10+i):7480
+	// handoff is the nodes' HandoffQuiet (0: the default); hand-offs
+	// happen only with the ticker on.
+	handoff time.Duration
+	apis    map[api.NodeID]string // API addresses to register; default 127.0.0.(10+i):7480
 }
 
 func testLogger() *slog.Logger {
@@ -84,7 +87,7 @@ func (c *raftCluster) start(id api.NodeID, bootstrap bool) *Node {
 	n, err := NewNode(NodeConfig{
 		ID: id, Dir: filepath.Join(c.base, string(id)), Transport: tr, Bootstrap: bootstrap,
 		Logger: testLogger(), HeartbeatTimeout: testHeartbeat, ElectionTimeout: testElection,
-		LeaderLeaseTimeout: testLease, CommitTimeout: 5 * time.Millisecond, TickInterval: c.tick,
+		LeaderLeaseTimeout: testLease, CommitTimeout: 5 * time.Millisecond, TickInterval: c.tick, HandoffQuiet: c.handoff,
 		ApplyTimeout: 5 * time.Second, NoSync: true,
 	})
 	if err != nil {
@@ -576,6 +579,169 @@ func TestRaftTickerDeclaresDead(t *testing.T) {
 			t.Fatalf("n2 never declared dead: %s", s2)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestTickerTicksAtTheNextDeadline: between its periodic ticks the leader
+// ticks just after the map's next deadline (a node turning late or dead),
+// not up to a period later; a deadline already past waits minTickPeriod,
+// and a node that does not lead keeps the period.
+func TestTickerTicksAtTheNextDeadline(t *testing.T) {
+	c := newRaftCluster(t)
+	c.tick = time.Hour
+	leader := c.form(1)
+	cfg := cluster.DefaultConfig()
+	cfg.LeaseTimeout = 40 * time.Second // tick period: lease/4 = 10s
+	cfg.SuspectTimeout = 2 * time.Second
+	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	if p := leader.tickPeriod(); p != 10*time.Second {
+		t.Fatalf("tick period %v, want 10s", p)
+	}
+	now := time.Now()
+	propose(t, leader, cluster.Command{Op: cluster.OpRegister, Node: "n2", Now: now.UTC(), Spec: registerCmd("n2").Spec})
+	since := now.Add(-time.Minute) // leading for a minute
+	// n2 (and n1, registered by form) turn late 2s after they were heard.
+	if d := leader.nextTick(time.Now(), since); d < 1500*time.Millisecond || d > 2*time.Second+judgmentMargin {
+		t.Fatalf("next tick in %v, want just after n2's suspect deadline (2s)", d)
+	}
+	if d := leader.nextTick(time.Now(), time.Time{}); d < 9*time.Second {
+		t.Fatalf("not leading: next tick in %v, want the period (10s)", d)
+	}
+	// A node whose deadline is past (a tick failed to judge it): soon, not at once.
+	propose(t, leader, cluster.Command{Op: cluster.OpRegister, Node: "n3", Now: now.Add(-time.Hour).UTC(), Spec: registerCmd("n3").Spec})
+	if d := leader.nextTick(time.Now(), since); d != minTickPeriod {
+		t.Fatalf("past deadline: next tick in %v, want %v", d, minTickPeriod)
+	}
+}
+
+// TestHandoffTarget: the leader hands off to the active voter holding the
+// fewest primaries, only if it holds more itself, and not while a node is
+// late or a partition has no primary.
+func TestHandoffTarget(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	m := cluster.New()
+	apply := func(c cluster.Command) cluster.Result {
+		t.Helper()
+		if c.Now.IsZero() {
+			c.Now = now
+		}
+		r, err := m.Apply(c)
+		if err != nil {
+			t.Fatalf("apply %s: %v", c.Op, err)
+		}
+		return r
+	}
+	var voters []Voter
+	for i := 1; i <= 3; i++ {
+		id := api.NodeID(fmt.Sprintf("n%d", i))
+		apply(registerCmd(id))
+		voters = append(voters, Voter{ID: id, Raft: raftAddrOf(id), Suffrage: raft.Voter.String()})
+	}
+	primary := func(name string) api.NodeID {
+		v, _ := m.Volume(name)
+		return v.Partitions[0].Primary
+	}
+	if to, _, _ := handoffTarget(m, "n1", voters); to.ID != "" {
+		t.Fatalf("no primaries anywhere: hand-off to %s", to.ID)
+	}
+	apply(volumeCmd("a"))
+	apply(volumeCmd("b"))
+	held := map[api.NodeID]bool{primary("a"): true, primary("b"): true}
+	var free api.NodeID
+	for _, v := range voters {
+		if !held[v.ID] {
+			free = v.ID
+		}
+	}
+	if len(held) != 2 || free == "" {
+		t.Fatalf("primaries on %v: want two nodes", held)
+	}
+	lead := primary("a")
+	to, mine, theirs := handoffTarget(m, lead, voters)
+	if to.ID != free || to.Raft != raftAddrOf(free) || mine != 1 || theirs != 0 {
+		t.Fatalf("leader %s (1 primary): hand-off to %q (%d, %d), want %s", lead, to.ID, mine, theirs, free)
+	}
+	if to, _, _ := handoffTarget(m, free, voters); to.ID != "" {
+		t.Fatalf("leader %s holds no primary: hand-off to %s", free, to.ID)
+	}
+	// Not to a non-voter, nor to a node that is not active.
+	nonvoter := slices.Clone(voters)
+	for i := range nonvoter {
+		if nonvoter[i].ID == free {
+			nonvoter[i].Suffrage = raft.Nonvoter.String()
+		}
+	}
+	if to, _, _ := handoffTarget(m, lead, nonvoter); to.ID != "" {
+		t.Fatalf("hand-off to non-voter %s", to.ID)
+	}
+	apply(cluster.Command{Op: cluster.OpDrain, Node: free})
+	if to, _, _ := handoffTarget(m, lead, voters); to.ID != "" {
+		t.Fatalf("hand-off to draining %s", to.ID)
+	}
+	apply(cluster.Command{Op: cluster.OpUndrain, Node: free})
+	// A late node: a failover may be under way.
+	cfg := m.Config
+	apply(cluster.Command{Op: cluster.OpTick, Node: lead, Now: now.Add(cfg.SuspectTimeout + time.Second), Since: now})
+	if to, _, _ := handoffTarget(m, lead, voters); to.ID != "" {
+		t.Fatalf("hand-off to %s while nodes are late", to.ID)
+	}
+	// Everyone heartbeats: the hand-off is back. Then a partition without
+	// a primary (released) stops it again.
+	for _, v := range voters {
+		apply(cluster.Command{Op: cluster.OpHeartbeat, Node: v.ID, Health: 100, Now: now.Add(cfg.SuspectTimeout + 2*time.Second)})
+	}
+	if to, _, _ := handoffTarget(m, lead, voters); to.ID != free {
+		t.Fatalf("after heartbeats: hand-off to %q, want %s", to.ID, free)
+	}
+	apply(cluster.Command{Op: cluster.OpRelease, Volume: "b", Partition: 0, Role: cluster.RolePrimary, Node: primary("b"), Force: true})
+	if to, _, _ := handoffTarget(m, lead, voters); to.ID != "" {
+		t.Fatalf("hand-off to %s while a partition has no primary", to.ID)
+	}
+}
+
+// TestRaftLeaderHandsOff: a leader whose node holds a primary hands
+// leadership to the voter holding none; that one keeps it.
+func TestRaftLeaderHandsOff(t *testing.T) {
+	c := newRaftCluster(t)
+	c.tick = 20 * time.Millisecond
+	c.handoff = 100 * time.Millisecond
+	leader := c.form(3)
+	cfg := cluster.DefaultConfig()
+	cfg.LeaseTimeout = time.Minute // nobody heartbeats here
+	cfg.SuspectTimeout = 30 * time.Second
+	c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	c.propose(volumeCmd("a"))
+	_, leader = c.propose(volumeCmd("b"))
+	primaries := map[api.NodeID]int{}
+	leader.Read(func(m *cluster.Map) {
+		for _, v := range m.VolumeList() {
+			primaries[v.Partitions[0].Primary]++
+		}
+	})
+	var free api.NodeID
+	for _, id := range c.running() {
+		if primaries[id] == 0 {
+			free = id
+		}
+	}
+	if free == "" {
+		t.Fatalf("primaries %v: want a node without one", primaries)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l := c.waitLeader(c.running(), 10*time.Second)
+		if l.ID() == free {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("leader %s (primaries %v), want %s, the node holding none", l.ID(), primaries, free)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// It stays there: no voter holds fewer.
+	time.Sleep(300 * time.Millisecond)
+	if l := c.waitLeader(c.running(), 10*time.Second); l.ID() != free {
+		t.Fatalf("leadership moved on to %s", l.ID())
 	}
 }
 
