@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"sync"
@@ -56,6 +57,14 @@ import (
 //     can fail over; with the two apart, the surviving leader declares
 //     the primary dead as soon as its lease runs out. The hand-off moves
 //     no data and changes no epoch. NoHandoff turns it off.
+//   - Refresh: when a voter answers the leader's heartbeats again after
+//     more than refreshAfter without, the leader hands leadership to
+//     another active voter (the fewest primaries first), under the same
+//     limits as the hand-off, within refreshWindow of the return. raft
+//     backs off its log replication to an unreachable voter up to 10 s
+//     (heartbeats, apart, resume at once), so the returned voter may hold
+//     an old log for that long, and should another voter die meanwhile,
+//     nothing commits; a new leader replicates to every voter afresh.
 //   - Read gives the local, possibly stale, map; ConsistentRead first makes
 //     sure this node is the leader and has applied everything committed
 //     before the call (a raft barrier).
@@ -132,7 +141,9 @@ type Node struct {
 	trans  raft.Transport
 	store  *raftboltdb.BoltStore
 	cancel context.CancelFunc
-	retick chan struct{}  // capacity 1: the map's config changed, recompute the tick period
+	retick chan struct{} // capacity 1: the map's config changed, recompute the tick period
+	obs    chan raft.Observation
+	obsv   *raft.Observer // heartbeat failures and resumptions, read by the ticker
 	wg     sync.WaitGroup // the ticker
 	waits  sync.WaitGroup // goroutines waiting on raft futures; end at raft shutdown
 
@@ -259,6 +270,15 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	n := &Node{cfg: cfg, log: log, fsm: f, raft: r, trans: trans, store: store, cancel: cancel, retick: make(chan struct{}, 1)}
 	if cfg.TickInterval > 0 {
+		n.obs = make(chan raft.Observation, 64)
+		n.obsv = raft.NewObserver(n.obs, false, func(o *raft.Observation) bool {
+			switch o.Data.(type) {
+			case raft.FailedHeartbeatObservation, raft.ResumedHeartbeatObservation:
+				return true
+			}
+			return false
+		})
+		r.RegisterObserver(n.obsv)
 		n.wg.Add(1)
 		go n.ticker(ctx)
 	}
@@ -270,6 +290,9 @@ func (n *Node) Close() error {
 	n.closeOnce.Do(func() {
 		n.cancel()
 		n.wg.Wait()
+		if n.obsv != nil {
+			n.raft.DeregisterObserver(n.obsv)
+		}
 		err := n.raft.Shutdown().Error()
 		n.waits.Wait()
 		if c, ok := n.trans.(interface{ Close() error }); ok {
@@ -566,6 +589,8 @@ func (n *Node) ticker(ctx context.Context) {
 	t := time.NewTimer(n.tickPeriod())
 	defer t.Stop()
 	var since, handoff time.Time
+	out := map[api.NodeID]time.Time{}      // voters failing heartbeats: their last contact
+	returned := map[api.NodeID]time.Time{} // voters back after refreshAfter: when
 	for {
 		select {
 		case <-ctx.Done():
@@ -573,13 +598,79 @@ func (n *Node) ticker(ctx context.Context) {
 		case <-n.retick:
 			t.Reset(n.nextTick(time.Now(), since))
 			continue
+		case o := <-n.obs:
+			switch d := o.Data.(type) {
+			case raft.FailedHeartbeatObservation:
+				if _, ok := out[api.NodeID(d.PeerID)]; !ok {
+					out[api.NodeID(d.PeerID)] = d.LastContact
+				}
+			case raft.ResumedHeartbeatObservation:
+				id := api.NodeID(d.PeerID)
+				if lc, ok := out[id]; ok && time.Since(lc) > refreshAfter {
+					returned[id] = time.Now()
+				}
+				delete(out, id)
+			}
+			continue
 		case <-t.C:
 		}
 		start := time.Now()
 		n.tick(ctx, &since)
+		if since.IsZero() {
+			clear(out)
+			clear(returned)
+		}
+		n.maybeRefresh(ctx, since, &handoff, returned)
 		n.maybeHandoff(ctx, since, &handoff)
 		t.Reset(n.nextTick(start, since))
 	}
+}
+
+// Refresh limits (see the rules).
+const (
+	refreshAfter  = time.Second
+	refreshWindow = 11 * time.Second // raft's longest replication backoff, 10.24s, and some
+)
+
+// maybeRefresh hands leadership to an active voter other than the ones in
+// returned (voters back from an outage, by when; entries are dropped once
+// acted on or past refreshWindow), if this node leads and handed off
+// nothing for HandoffQuiet (*last, set here).
+func (n *Node) maybeRefresh(ctx context.Context, since time.Time, last *time.Time, returned map[api.NodeID]time.Time) {
+	for id, at := range returned {
+		if time.Since(at) > refreshWindow {
+			delete(returned, id)
+		}
+	}
+	if len(returned) == 0 || n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
+		return
+	}
+	now := n.cfg.Now()
+	if now.Sub(*last) < n.cfg.HandoffQuiet {
+		return
+	}
+	voters, err := n.Voters()
+	if err != nil {
+		return
+	}
+	exclude := []api.NodeID{n.cfg.ID}
+	for id := range returned {
+		exclude = append(exclude, id)
+	}
+	var to Voter
+	n.fsm.read(func(m *cluster.Map) {
+		if !failoverUnderway(m) {
+			to, _ = fewestPrimaries(m, primaryCounts(m), voters, exclude)
+		}
+	})
+	if to.ID == "" {
+		return
+	}
+	clear(returned)
+	*last = now
+	n.log.Info("control: a voter is back; handing leadership off so that every voter is replicated to afresh",
+		"to", string(to.ID), "back", exclude[1:])
+	n.transfer(ctx, to)
 }
 
 // nextTick is how long to wait for the next tick after one that started at
@@ -623,11 +714,64 @@ func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Tim
 	*last = now
 	n.log.Info("control: handing leadership off to the voter holding the fewest primaries",
 		"to", string(to.ID), "primaries_here", mine, "primaries_there", theirs)
+	n.transfer(ctx, to)
+}
+
+// transfer hands leadership to voter to (raft's leadership transfer).
+func (n *Node) transfer(ctx context.Context, to Voter) {
 	hctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout+time.Second)
 	defer cancel()
 	if err := n.wait(hctx, n.raft.LeadershipTransferToServer(raft.ServerID(to.ID), raft.ServerAddress(to.Raft))); err != nil {
 		n.log.Warn("control: leadership hand-off", "to", string(to.ID), "err", err)
 	}
+}
+
+// failoverUnderway reports whether a non-dead node is late or a partition
+// has no primary: a new leader would then judge no node for its suspect
+// grace, so leadership stays put.
+func failoverUnderway(m *cluster.Map) bool {
+	for _, v := range m.Volumes {
+		for i := range v.Partitions {
+			if v.Partitions[i].Primary == "" {
+				return true
+			}
+		}
+	}
+	for _, nd := range m.Nodes {
+		if nd.Late && nd.State != cluster.StateDead {
+			return true
+		}
+	}
+	return false
+}
+
+// primaryCounts is the number of partition primaries each node holds.
+func primaryCounts(m *cluster.Map) map[api.NodeID]int {
+	primaries := map[api.NodeID]int{}
+	for _, v := range m.Volumes {
+		for i := range v.Partitions {
+			if p := v.Partitions[i].Primary; p != "" {
+				primaries[p]++
+			}
+		}
+	}
+	return primaries
+}
+
+// fewestPrimaries returns the voter, not in exclude, whose active node
+// holds the fewest primaries (ties: the lower id), and that count; a zero
+// Voter if there is none.
+func fewestPrimaries(m *cluster.Map, primaries map[api.NodeID]int, voters []Voter, exclude []api.NodeID) (to Voter, count int) {
+	for _, v := range voters { // sorted by id: the lower id wins a tie
+		nd, ok := m.Nodes[v.ID]
+		if slices.Contains(exclude, v.ID) || v.Suffrage != raft.Voter.String() || !ok || nd.State != cluster.StateActive {
+			continue
+		}
+		if c := primaries[v.ID]; to.ID == "" || c < count {
+			to, count = v, c
+		}
+	}
+	return to, count
 }
 
 // handoffTarget picks the voter a leader (self) should hand leadership to:
@@ -637,31 +781,14 @@ func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Tim
 // is under way, and a new leader would judge no node for its suspect
 // grace. It returns the two primary counts too.
 func handoffTarget(m *cluster.Map, self api.NodeID, voters []Voter) (to Voter, mine, theirs int) {
-	primaries := map[api.NodeID]int{}
-	for _, v := range m.Volumes {
-		for i := range v.Partitions {
-			p := &v.Partitions[i]
-			if p.Primary == "" {
-				return Voter{}, 0, 0
-			}
-			primaries[p.Primary]++
-		}
+	if failoverUnderway(m) {
+		return Voter{}, 0, 0
 	}
-	for _, nd := range m.Nodes {
-		if nd.Late && nd.State != cluster.StateDead {
-			return Voter{}, 0, 0
-		}
-	}
+	primaries := primaryCounts(m)
 	mine = primaries[self]
-	theirs = mine
-	for _, v := range voters { // sorted by id: the lower id wins a tie
-		nd, ok := m.Nodes[v.ID]
-		if v.ID == self || v.Suffrage != raft.Voter.String() || !ok || nd.State != cluster.StateActive {
-			continue
-		}
-		if c := primaries[v.ID]; c < theirs {
-			to, theirs = v, c
-		}
+	to, theirs = fewestPrimaries(m, primaries, voters, []api.NodeID{self})
+	if to.ID == "" || theirs >= mine {
+		return Voter{}, mine, mine
 	}
 	return to, mine, theirs
 }

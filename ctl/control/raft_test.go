@@ -745,6 +745,54 @@ func TestRaftLeaderHandsOff(t *testing.T) {
 	}
 }
 
+// TestRaftLeaderRefreshesAfterAVoterReturns: a voter whose heartbeats
+// failed for longer than refreshAfter answers again (the observations
+// raft makes are fed to the ticker here): the leader hands leadership to
+// the other voter, not to the returned one, and does nothing after a
+// short outage.
+func TestRaftLeaderRefreshesAfterAVoterReturns(t *testing.T) {
+	c := newRaftCluster(t)
+	c.tick = 20 * time.Millisecond
+	c.handoff = 100 * time.Millisecond
+	leader := c.form(3)
+	cfg := cluster.DefaultConfig()
+	cfg.LeaseTimeout = time.Minute // nobody heartbeats here
+	cfg.SuspectTimeout = 30 * time.Second
+	_, leader = c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	var back, other api.NodeID
+	for _, id := range c.running() {
+		if id != leader.ID() {
+			if back == "" {
+				back = id
+			} else {
+				other = id
+			}
+		}
+	}
+	observe := func(outage time.Duration) {
+		leader.obs <- raft.Observation{Data: raft.FailedHeartbeatObservation{PeerID: raft.ServerID(back), LastContact: time.Now().Add(-outage)}}
+		leader.obs <- raft.Observation{Data: raft.ResumedHeartbeatObservation{PeerID: raft.ServerID(back)}}
+	}
+	time.Sleep(2 * c.handoff) // past the quiet period of its election
+	observe(refreshAfter / 2)
+	time.Sleep(300 * time.Millisecond)
+	if !leader.IsLeader() {
+		t.Fatalf("leadership left %s after a short outage of %s", leader.ID(), back)
+	}
+	observe(2 * refreshAfter)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		l := c.waitLeader(c.running(), 10*time.Second)
+		if l.ID() == other {
+			break
+		}
+		if l.ID() == back || time.Now().After(deadline) {
+			t.Fatalf("leader %s after %s came back, want %s", l.ID(), back, other)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 func TestFSMSnapshotRestore(t *testing.T) {
 	f := newFSM()
 	cmds := []cluster.Command{registerCmd("n1"), volumeCmd("a"), volumeCmd("a")}
