@@ -14,6 +14,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 
@@ -50,8 +51,10 @@ import (
 //   - Hand-off: a leader whose own node holds more partition primaries
 //     than another voter's active node transfers leadership to the voter
 //     holding the fewest (raft's leadership transfer), at most once per
-//     HandoffQuiet and not within HandoffQuiet of becoming leader, and
-//     never while a node is late or a partition has no primary. A node
+//     HandoffQuiet, only once it has led for HandoffQuiet and the
+//     suspect timeout (it has judged every node: a hand-off restarts
+//     the new leader's grace), and never while a node is late or a
+//     partition has no primary. A node
 //     that is both the leader and a primary costs, when it dies, a raft
 //     election plus the new leader's suspect grace before its partitions
 //     can fail over; with the two apart, the surviving leader declares
@@ -126,7 +129,7 @@ type NodeConfig struct {
 	SnapshotThreshold  uint64           // entries between snapshots; 1024
 	ApplyTimeout       time.Duration    // bound on one Propose when ctx has no deadline; 10s
 	TickInterval       time.Duration    // longest Tick period of the leader (see the rules); 1s; negative: never
-	HandoffQuiet       time.Duration    // least time between leadership hand-offs (see the rules); 3s
+	HandoffQuiet       time.Duration    // least time between leadership hand-offs (see the rules); 1s
 	NoHandoff          bool             // the leader never hands leadership off
 	Now                func() time.Time // the proposer's clock; nil: time.Now
 }
@@ -190,7 +193,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		cfg.TickInterval = time.Second
 	}
 	if cfg.HandoffQuiet <= 0 {
-		cfg.HandoffQuiet = 3 * time.Second
+		cfg.HandoffQuiet = time.Second
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -225,7 +228,17 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		if adv.Port == 0 {
 			advAddr = nil // the listener's address, port chosen by the kernel
 		}
-		t, err := raft.NewTCPTransport(cfg.RaftAddr, advAddr, 3, 5*time.Second, rlog)
+		// MaxRPCsInFlight 1: no pipelining. A pipelined follower's
+		// nextIndex counts entries sent, not stored, and a leadership
+		// hand-off sends TimeoutNow once nextIndex passes the last entry:
+		// the target could campaign before the last entries arrived and
+		// lose the vote to the old leader's longer log, leaving no leader
+		// for a heartbeat timeout. raft's docs find pipelining of little
+		// use outside high-latency links.
+		t, err := raft.NewTCPTransportWithConfig(cfg.RaftAddr, advAddr, &raft.NetworkTransportConfig{
+			MaxPool: 3, Timeout: 5 * time.Second, MaxRPCsInFlight: 1,
+			Logger: hclog.New(&hclog.LoggerOptions{Name: "raft-net", Output: rlog, Level: hclog.DefaultLevel}),
+		})
 		if err != nil {
 			store.Close()
 			return nil, fmt.Errorf("control: raft listen %s: %w", cfg.RaftAddr, err)
@@ -634,8 +647,8 @@ const (
 
 // maybeRefresh hands leadership to an active voter other than the ones in
 // returned (voters back from an outage, by when; entries are dropped once
-// acted on or past refreshWindow), if this node leads and handed off
-// nothing for HandoffQuiet (*last, set here).
+// acted on or past refreshWindow), if this node leads and mayHandoff
+// (*last, set here).
 func (n *Node) maybeRefresh(ctx context.Context, since time.Time, last *time.Time, returned map[api.NodeID]time.Time) {
 	for id, at := range returned {
 		if time.Since(at) > refreshWindow {
@@ -645,10 +658,10 @@ func (n *Node) maybeRefresh(ctx context.Context, since time.Time, last *time.Tim
 	if len(returned) == 0 || n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
 		return
 	}
-	now := n.cfg.Now()
-	if now.Sub(*last) < n.cfg.HandoffQuiet {
+	if !n.mayHandoff(since, *last) {
 		return
 	}
+	now := n.cfg.Now()
 	voters, err := n.Voters()
 	if err != nil {
 		return
@@ -691,16 +704,16 @@ func (n *Node) nextTick(start, since time.Time) time.Duration {
 }
 
 // maybeHandoff transfers leadership to the voter handoffTarget names, if
-// this node has led for HandoffQuiet (since) and tried no hand-off for as
-// long (*last, set here).
+// mayHandoff (since: when this node began to lead; *last: its last
+// hand-off, set here).
 func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Time) {
 	if n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
 		return
 	}
-	now := n.cfg.Now()
-	if now.Sub(since) < n.cfg.HandoffQuiet || now.Sub(*last) < n.cfg.HandoffQuiet {
+	if !n.mayHandoff(since, *last) {
 		return
 	}
+	now := n.cfg.Now()
 	voters, err := n.Voters()
 	if err != nil {
 		return
@@ -717,14 +730,21 @@ func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Tim
 	n.transfer(ctx, to)
 }
 
+// mayHandoff reports whether a leader since since, whose last hand-off
+// was at last, may hand leadership off now: it has led for HandoffQuiet
+// and the map's suspect timeout, and handed nothing off for HandoffQuiet.
+func (n *Node) mayHandoff(since, last time.Time) bool {
+	var suspect time.Duration
+	n.fsm.read(func(m *cluster.Map) { suspect = m.Config.SuspectTimeout })
+	now := n.cfg.Now()
+	return now.Sub(since) >= max(n.cfg.HandoffQuiet, suspect) && now.Sub(last) >= n.cfg.HandoffQuiet
+}
+
 // transfer hands leadership to voter to (raft's leadership transfer).
 //
-// A barrier first: raft (v1.6) sends the target its TimeoutNow once the
-// entries are sent, not acknowledged, and a target that campaigns before
-// the last of them arrived loses the vote to the old leader's longer log;
-// the group then has no leader until the old one's heartbeat timeout
-// (seen on a loaded machine in about a third of the hand-offs). After a
-// committed barrier the target has seldom anything left in flight.
+// A committed barrier first, so that the target has the log up to now
+// (raft sends TimeoutNow once the target's nextIndex passes the last
+// entry; see the transport's MaxRPCsInFlight in NewNode).
 func (n *Node) transfer(ctx context.Context, to Voter) {
 	hctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout+time.Second)
 	defer cancel()

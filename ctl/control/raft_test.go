@@ -699,6 +699,32 @@ func TestHandoffTarget(t *testing.T) {
 	}
 }
 
+// TestMayHandoff: a leader hands off only once it has led for HandoffQuiet
+// and the suspect timeout (its grace over), and HandoffQuiet after its
+// last hand-off.
+func TestMayHandoff(t *testing.T) {
+	c := newRaftCluster(t)
+	c.handoff = time.Second
+	leader := c.form(1)
+	cfg := cluster.DefaultConfig()
+	cfg.SuspectTimeout = 5 * time.Second
+	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	now := time.Now()
+	for _, tc := range []struct {
+		led, sinceLast time.Duration
+		want           bool
+	}{
+		{2 * time.Second, time.Hour, false},              // past the quiet, within the grace
+		{6 * time.Second, time.Hour, true},               // past both
+		{6 * time.Second, 500 * time.Millisecond, false}, // a hand-off just now
+		{6 * time.Second, 2 * time.Second, true},
+	} {
+		if got := leader.mayHandoff(now.Add(-tc.led), now.Add(-tc.sinceLast)); got != tc.want {
+			t.Errorf("led %v, last hand-off %v ago: %v, want %v", tc.led, tc.sinceLast, got, tc.want)
+		}
+	}
+}
+
 // TestRaftLeaderHandsOff: a leader whose node holds a primary hands
 // leadership to the voter holding none; that one keeps it.
 func TestRaftLeaderHandsOff(t *testing.T) {
@@ -707,8 +733,8 @@ func TestRaftLeaderHandsOff(t *testing.T) {
 	c.handoff = 100 * time.Millisecond
 	leader := c.form(3)
 	cfg := cluster.DefaultConfig()
-	cfg.LeaseTimeout = time.Minute // nobody heartbeats here
-	cfg.SuspectTimeout = 30 * time.Second
+	cfg.LeaseTimeout = time.Minute
+	cfg.SuspectTimeout = 500 * time.Millisecond // a leader hands off after leading this long
 	c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
 	c.propose(volumeCmd("a"))
 	_, leader = c.propose(volumeCmd("b"))
@@ -729,6 +755,7 @@ func TestRaftLeaderHandsOff(t *testing.T) {
 	}
 	deadline := time.Now().Add(20 * time.Second)
 	for {
+		c.heartbeatAll() // no node late
 		l := c.waitLeader(c.running(), 10*time.Second)
 		if l.ID() == free {
 			break
@@ -739,9 +766,20 @@ func TestRaftLeaderHandsOff(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	// It stays there: no voter holds fewer.
-	time.Sleep(300 * time.Millisecond)
+	for end := time.Now().Add(time.Second); time.Now().Before(end); {
+		c.heartbeatAll()
+		time.Sleep(20 * time.Millisecond)
+	}
 	if l := c.waitLeader(c.running(), 10*time.Second); l.ID() != free {
 		t.Fatalf("leadership moved on to %s", l.ID())
+	}
+}
+
+// heartbeatAll proposes a heartbeat of every running node.
+func (c *raftCluster) heartbeatAll() {
+	c.t.Helper()
+	for _, id := range c.running() {
+		c.propose(cluster.Command{Op: cluster.OpHeartbeat, Node: id, Health: 100})
 	}
 }
 
@@ -756,8 +794,8 @@ func TestRaftLeaderRefreshesAfterAVoterReturns(t *testing.T) {
 	c.handoff = 100 * time.Millisecond
 	leader := c.form(3)
 	cfg := cluster.DefaultConfig()
-	cfg.LeaseTimeout = time.Minute // nobody heartbeats here
-	cfg.SuspectTimeout = 30 * time.Second
+	cfg.LeaseTimeout = time.Minute
+	cfg.SuspectTimeout = 500 * time.Millisecond // a leader hands off after leading this long
 	_, leader = c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
 	var back, other api.NodeID
 	for _, id := range c.running() {
@@ -773,15 +811,22 @@ func TestRaftLeaderRefreshesAfterAVoterReturns(t *testing.T) {
 		leader.obs <- raft.Observation{Data: raft.FailedHeartbeatObservation{PeerID: raft.ServerID(back), LastContact: time.Now().Add(-outage)}}
 		leader.obs <- raft.Observation{Data: raft.ResumedHeartbeatObservation{PeerID: raft.ServerID(back)}}
 	}
-	time.Sleep(2 * c.handoff) // past the quiet period of its election
+	beatFor := func(d time.Duration) {
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			c.heartbeatAll() // no node late
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	beatFor(time.Second) // past the quiet period of its election
 	observe(refreshAfter / 2)
-	time.Sleep(300 * time.Millisecond)
+	beatFor(500 * time.Millisecond)
 	if !leader.IsLeader() {
 		t.Fatalf("leadership left %s after a short outage of %s", leader.ID(), back)
 	}
 	observe(2 * refreshAfter)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
+		c.heartbeatAll()
 		l := c.waitLeader(c.running(), 10*time.Second)
 		if l.ID() == other {
 			break
