@@ -17,7 +17,7 @@ const maxShard = 8 << 20
 
 // reclaimEvery is how often a flush that moved nothing may reclaim dead
 // segments and shards while the journal is within budget.
-const reclaimEvery = 5 * time.Second
+const reclaimEvery = 1 * time.Second
 
 // FlushResult says what one Flush did.
 type FlushResult struct {
@@ -47,6 +47,12 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	}
 	segs := p.j.Segments()
 	all := force || time.Since(time.Unix(0, p.lastOpTime.Load())) >= p.opts.IdleFlush
+	if all {
+		// An idle partition keeps no removed journal files for reuse.
+		if err := p.j.DropRecycled(); err != nil {
+			return res, mapErr(fmt.Errorf("replica: partition %016x: %w", p.pkey, err))
+		}
+	}
 	if n := len(segs); all && n > 0 && segs[n-1].Active && segs[n-1].Size > 0 {
 		if _, err := p.j.Rotate(); err != nil {
 			return res, fmt.Errorf("replica: partition %016x rotate: %w", p.pkey, err)
@@ -303,7 +309,6 @@ func (p *Partition) reclaim(ctx context.Context, synced uint64, res *FlushResult
 // map and its journal directory. The partition must be closed by the caller
 // right after; no op may be in flight.
 func (p *Partition) Destroy(ctx context.Context) error {
-	p.stopDefrag()
 	p.gc.Lock()
 	defer p.gc.Unlock()
 	shards, err := p.store.List(ctx, p.pkey)

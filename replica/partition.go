@@ -62,15 +62,15 @@ type Options struct {
 	// IdleFlush: a partition that has seen no op for this long is flushed
 	// entirely (its active segment sealed); 0: 30 s.
 	IdleFlush time.Duration
-	// DefragPieces: a read of 128 KiB or more that finds this many pieces
-	// of data (that cannot be read together) has them rewritten side by
-	// side in the background (see defrag.go); 0: never. Off by default:
-	// repeated 1 MiB sequential reads of a 1 GiB range fragmented by 170k
-	// random 4 KiB writes went 624 -> 1525 -> 2067 MB/s pass after pass
-	// with it, but within one 6 s cell of scripts/bench's 1 MiB read row
-	// it cost more than it saved (0.29 of nbd-server against about 0.5
-	// without: the first pass pays for the copies and rewrites, and a
-	// flush moving the same extents defeats some of them).
+	// DefragPieces: a read of 128 KiB or more that needed this many read
+	// calls (pieces of data stored apart) rewrites what it read side by
+	// side before it returns (see defrag.go); 0: never. Off by default:
+	// in scripts/bench's 1 MiB read row, right after the 4 KiB random
+	// write rows, it cost more than it saved (0.27 of nbd-server with it
+	// at 16, 0.47 without, 2026-11-26): the rewrite of the first pass
+	// writes 1 GiB into new page-cache pages, ~2.3 ms per MiB of kernel
+	// time on the test VM, where reading the ~200 pieces of a MiB costs
+	// ~0.9 ms.
 	DefragPieces int
 	Logger       *slog.Logger
 }
@@ -96,8 +96,6 @@ type Partition struct {
 	flushedOp  atomic.Uint64
 
 	gc sync.RWMutex
-
-	defrag *defragger // background rewrites of fragmented ranges
 
 	lastReclaim time.Time // owned by Flush (one caller at a time)
 
@@ -223,16 +221,8 @@ func openPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 		p.log.Info("partition recovered", "applied", applied, "replayed", replayed, "next_op", p.seq.next)
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
-	if o.DefragPieces > 0 {
-		p.startDefrag()
-	}
 	return p, nil
 }
-
-// Quiesce stops the partition's own background work (defragmentation)
-// and waits for it, so that no op is applied after it returns unless a
-// caller issues one. Close does it too.
-func (p *Partition) Quiesce() { p.stopDefrag() }
 
 // Persist hands the extent map's pending updates to the metastore, so that
 // closing the metastore makes them durable and the next open replays less.
@@ -244,7 +234,6 @@ func (p *Partition) Persist() error {
 // is lost if not: the journal has every op) and closes the journal.
 // In-flight ops must have returned.
 func (p *Partition) Close() error {
-	p.stopDefrag()
 	perr := p.Persist()
 	p.gc.Lock()
 	defer p.gc.Unlock()
@@ -414,12 +403,25 @@ func (p *Partition) Sync(ctx context.Context) error {
 
 // ReadAt fills buf from off; holes read as zeros.
 func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
+	var eb [8]metastore.Extent
+	es, reads, err := p.readAt(ctx, eb[:0], buf, off)
+	if err != nil {
+		return mapErr(fmt.Errorf("replica: partition %016x read [%d,+%d): %w", p.pkey, off, len(buf), err))
+	}
+	if p.opts.DefragPieces > 0 && reads >= p.opts.DefragPieces && len(buf) >= defragMinRead {
+		p.defragAfterRead(es, buf, off)
+	}
+	return nil
+}
+
+// readAt fills buf from off and returns the extents it looked up and the
+// number of read calls it made for data.
+func (p *Partition) readAt(ctx context.Context, eb []metastore.Extent, buf []byte, off int64) ([]metastore.Extent, int, error) {
 	p.gc.RLock()
 	defer p.gc.RUnlock()
 	at := off
 	end := off + int64(len(buf))
-	var eb [8]metastore.Extent
-	es := p.m.Lookup(eb[:0], off, int64(len(buf)))
+	es := p.m.Lookup(eb, off, int64(len(buf)))
 	var err error
 	reads := 0 // read calls for data
 	for i := 0; i < len(es) && err == nil; i++ {
@@ -449,16 +451,13 @@ func (p *Partition) ReadAt(ctx context.Context, buf []byte, off int64) error {
 			err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, dst, e.COff)
 		}
 	}
-	if err == nil && p.opts.DefragPieces > 0 && reads >= p.opts.DefragPieces && len(buf) >= defragMinRead {
-		p.offerDefrag(es, buf, off)
-	}
 	if err != nil {
-		return mapErr(fmt.Errorf("replica: partition %016x read [%d,+%d): %w", p.pkey, off, len(buf), err))
+		return nil, 0, err
 	}
 	if at < end {
 		clear(buf[at-off:])
 	}
-	return nil
+	return es, reads, nil
 }
 
 // Map describes [off, off+n) as target extents (offsets within the partition).

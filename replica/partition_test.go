@@ -131,8 +131,6 @@ func TestPartitionOracle(t *testing.T) {
 		r.check(&m, "end")
 		// Everything flushed: the journal holds nothing live, and shards
 		// hold no more than the live data plus the mostly-dead tolerance.
-		// (No defragmentation rewrite may land after the flushes.)
-		r.p.Quiesce()
 		if _, err := r.p.Flush(context.Background(), true); err != nil {
 			t.Fatal(err)
 		}
@@ -356,7 +354,8 @@ func TestFlushPolicy(t *testing.T) {
 }
 
 // TestDefragOnRead: a large read of a range scattered over many journal
-// records has it rewritten side by side in one shard in the background;
+// records has it rewritten side by side in one journal record before it
+// returns;
 // the data stays the same, and a write after that still wins.
 func TestDefragOnRead(t *testing.T) {
 	ctx := context.Background()
@@ -394,17 +393,9 @@ func TestDefragOnRead(t *testing.T) {
 	if n, _ := pieces(); n < 16 {
 		t.Fatalf("setup: only %d separately stored pieces", n)
 	}
-	r.check(&m, "fragmented") // one 256 KiB read: offers the range
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if n, cs := pieces(); n == 1 && len(cs) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			n, cs := pieces()
-			t.Fatalf("range not defragmented: %d pieces in %d containers", n, len(cs))
-		}
-		time.Sleep(time.Millisecond) // polling the background rewrite
+	r.check(&m, "fragmented") // one 256 KiB read: rewrites the range
+	if n, cs := pieces(); n != 1 || len(cs) != 1 {
+		t.Fatalf("range not defragmented: %d pieces in %d containers", n, len(cs))
 	}
 	r.check(&m, "defragmented")
 	if err := r.p.Write(ctx, bytes.Repeat([]byte{0x11}, tbs), 5*tbs, false); err != nil {

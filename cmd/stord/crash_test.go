@@ -241,7 +241,10 @@ func TestCrashSIGKILL(t *testing.T) {
 	t.Logf("seed %d (CRASH_SEED=%d reproduces the schedule, not the timing)", seed, seed)
 	rng := rand.New(rand.NewPCG(seed, 0))
 
-	d := startDaemon(t, "--no-default-volume")
+	// Small journal segments: partitions go past their journal budget, so
+	// segments are sealed, flushed, removed and their files reused while
+	// the kills land.
+	d := startDaemon(t, "--no-default-volume", "--journal-segment-size", "1M")
 	d.createVolume("crash", "--size", strconv.Itoa(crashVolume), "--block-size", "4096", "--partition-size", "8M")
 	ws := make([]*crashWriter, crashWriters)
 	for i := range ws {

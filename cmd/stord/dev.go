@@ -33,6 +33,7 @@ type devFlags struct {
 	logFormat string
 	logLevel  string
 	noVol0    bool
+	segSize   string
 }
 
 func devCommand(stdout, stderr io.Writer) *cobra.Command {
@@ -58,11 +59,16 @@ func devCommand(stdout, stderr io.Writer) *cobra.Command {
 	c.Flags().StringVar(&f.logFormat, "log-format", "text", "log format: text or json")
 	c.Flags().StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	c.Flags().BoolVar(&f.noVol0, "no-default-volume", false, "do not create vol0 on first start")
+	c.Flags().StringVar(&f.segSize, "journal-segment-size", "64M", "size of a partition journal's segment files (tuning and tests)")
 	return c
 }
 
 func runDev(ctx context.Context, f devFlags, stdout io.Writer, log *slog.Logger) error {
 	start := time.Now()
+	segSize, err := api.ParseSize(f.segSize)
+	if err != nil || segSize < 64<<10 || segSize > 1<<30 {
+		return fmt.Errorf("--journal-segment-size %q: want a size from 64K to 1G", f.segSize)
+	}
 	if err := os.MkdirAll(f.data, 0o755); err != nil {
 		return err
 	}
@@ -102,7 +108,7 @@ func runDev(ctx context.Context, f devFlags, stdout io.Writer, log *slog.Logger)
 		iscsiPortal = iscsiLn.Addr().String()
 	}
 	mgr, err := volume.OpenManager(ctx, volume.Config{
-		Dir: f.data, Logger: log, Registerer: reg,
+		Dir: f.data, Logger: log, Registerer: reg, SegmentSize: segSize,
 		NBDAddr: nbdLn.Addr().String(), ISCSIAddr: iscsiPortal,
 	})
 	if err != nil {

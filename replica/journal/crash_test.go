@@ -205,18 +205,29 @@ func TestCorruptOlderSegment(t *testing.T) {
 		t.Fatalf("Open = %v, want CorruptError at segment 1 offset %d", err, starts[3])
 	}
 	// So is a damaged but complete last record of an older segment while the
-	// newer one holds records: it may have been acknowledged.
+	// newer one holds records: it may have been acknowledged (the seal
+	// record after it says the segment was written to its end).
 	fs, _, starts = twoSegments(t, 6)
 	b = fileBytes(t, fs, name)
-	b[len(b)-1] ^= 1
+	seal := int64(len(b)) - HeaderSize
+	b[seal-1] ^= 1
 	writeFile(t, fs, name, b)
 	if _, err := Open(fs, "j", Options{}); !errors.As(err, &ce) || ce.Seg != 1 || ce.Off != starts[5] {
 		t.Fatalf("Open = %v, want CorruptError at segment 1 offset %d", err, starts[5])
 	}
+	// And so is a damaged seal record.
+	fs, _, _ = twoSegments(t, 6)
+	b = fileBytes(t, fs, name)
+	b[len(b)-1] ^= 1
+	writeFile(t, fs, name, b)
+	if _, err := Open(fs, "j", Options{}); !errors.As(err, &ce) || ce.Seg != 1 || ce.Off != seal {
+		t.Fatalf("Open = %v, want CorruptError at segment 1 offset %d", err, seal)
+	}
 }
 
 // TestTornOlderSegment: a sealed segment whose tail looks torn by a crash
-// (cut short, or zeros) is cut even though a newer segment holds records:
+// (cut short, or zeros, with no seal record after it) is cut even though a
+// newer segment holds records:
 // Sync fsyncs sealed segments first, so none of those records was reported
 // durable. The newer segments are dropped.
 func TestTornOlderSegment(t *testing.T) {
@@ -225,7 +236,7 @@ func TestTornOlderSegment(t *testing.T) {
 		tear func(b []byte, last int64) []byte
 	}{
 		{"short header", func(b []byte, last int64) []byte { return b[:last+10] }},
-		{"record past the end", func(b []byte, last int64) []byte { return b[:len(b)-1] }},
+		{"record past the end", func(b []byte, last int64) []byte { return b[:len(b)-HeaderSize-1] }},
 		{"zeros", func(b []byte, last int64) []byte { clear(b[last:]); return b }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -282,30 +293,30 @@ func TestOpNumOrderOnDisk(t *testing.T) {
 	if err := fs.MkdirAll("j", 0o755); err != nil {
 		t.Fatal(err)
 	}
-	enc := func(ops ...uint64) []byte {
+	enc := func(seg uint64, ops ...uint64) []byte {
 		var b []byte
 		for _, op := range ops {
 			r := &Record{Kind: KindMeta, OpNum: op}
 			rb := make([]byte, HeaderSize)
-			encodeRecord(rb, r)
+			encodeRecord(rb, r, segTag(seg))
 			b = append(b, rb...)
 		}
 		return b
 	}
-	writeFile(t, fs, "j/"+segName(1), enc(1, 2, 3))
-	writeFile(t, fs, "j/"+segName(2), enc(3, 4))
+	writeFile(t, fs, "j/"+segName(1), enc(1, 1, 2, 3))
+	writeFile(t, fs, "j/"+segName(2), enc(2, 3, 4))
 	_, err := Open(fs, "j", Options{})
 	var ce *CorruptError
 	if !errors.As(err, &ce) || ce.Seg != 2 || ce.Off != 0 {
 		t.Fatalf("Open = %v, want CorruptError at segment 2 offset 0", err)
 	}
-	writeFile(t, fs, "j/"+segName(2), enc(4, 6, 5))
+	writeFile(t, fs, "j/"+segName(2), enc(2, 4, 6, 5))
 	if _, err := Open(fs, "j", Options{}); !errors.As(err, &ce) || ce.Seg != 2 || ce.Off != 2*HeaderSize {
 		t.Fatalf("Open = %v, want CorruptError at segment 2 offset %d", err, 2*HeaderSize)
 	}
 	// Unrelated files and leftovers of an interrupted rewrite are handled.
-	writeFile(t, fs, "j/"+segName(2), enc(4, 6))
-	writeFile(t, fs, "j/"+segName(2)+tmpSuffix, enc(9))
+	writeFile(t, fs, "j/"+segName(2), enc(2, 4, 6))
+	writeFile(t, fs, "j/"+segName(2)+tmpSuffix, enc(2, 9))
 	writeFile(t, fs, "j/notes.txt", []byte("hi"))
 	j := openT(t, fs, "j", Options{})
 	defer j.Close()

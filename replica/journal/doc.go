@@ -11,15 +11,33 @@
 // (the directory is fsync'ed after every remove, and after a create by the
 // next Sync round, before it reports anything in the new segment durable).
 // Rotate seals on
-// demand. A sealed segment never changes again; Remove deletes it once the
-// engine no longer needs its records (their data lives elsewhere).
+// demand. Sealing appends a seal record (kind 5, journal-internal, never
+// replayed); a sealed segment never changes again. Remove deletes it once
+// the engine no longer needs its records (their data lives elsewhere).
 //
-// Where the file system can truncate, the active segment's file is presized
-// to SegmentSize (sparse: nothing allocated), so appends write inside the
+// Where the file system can truncate, a new segment's file is presized to
+// SegmentSize (sparse: nothing allocated), so appends write inside the
 // file instead of extending it (on ext4 several times cheaper; see
-// presize). Sealing cuts it to the end of its last record (made durable by
-// the next Sync, before anything in a newer segment), and Open cuts the
-// newest segment's zero tail like any torn tail, then presizes it again.
+// presize). Open cuts the newest segment's unwritten tail like any torn
+// tail, then presizes it again; Close cuts the active segment to its
+// records.
+//
+// # Reused files
+//
+// Remove keeps up to Options.Recycle removed files, renamed to
+// NNNNNNNNNNNNNNNN.free (durably), and a new segment takes one of them
+// (renamed to its name) instead of creating a file: writing over pages the
+// page cache still holds is many times cheaper than making the kernel
+// allocate new ones (see reuse). A file joins the pool only when no reader
+// holds its segment any more, so a reader never sees it rewritten. Open
+// deletes leftover .free files, Close and DropRecycled delete the pool.
+//
+// A reused file still holds records of its earlier use past the new
+// segment's records. Every record therefore carries a tag, the low 32
+// bits of the id of the segment it was written to; a record with another
+// tag ends a segment's records exactly as zeros or a torn record do. In a
+// sealed segment the seal record marks the end, and nothing past it is
+// read.
 //
 // Every record carries an opnum; opnums are strictly increasing across the
 // whole journal (gaps are allowed). A record is addressed by a Pos: the
@@ -35,9 +53,9 @@
 //	offset size field    meaning
 //	+------+----+--------+-------------------------------------------------+
 //	|    0 |  4 | magic  | 0x4c4e524a ("JRNL" as little-endian bytes)      |
-//	|    4 |  1 | kind   | 1 Write, 2 Zero, 3 Trim, 4 Meta                 |
+//	|    4 |  1 | kind   | 1 Write, 2 Zero, 3 Trim, 4 Meta, 5 Seal         |
 //	|    5 |  1 | flags  | opaque to the journal, kept for the engine      |
-//	|    6 |  1 | vers   | format version, 1                               |
+//	|    6 |  1 | vers   | format version, 2 (1: no tag, still read)       |
 //	|    7 |  1 | -      | reserved, 0                                     |
 //	|    8 |  8 | epoch  | epoch of the primary that gave the opnum        |
 //	|   16 |  8 | opnum  | operation number, > every earlier record's      |
@@ -45,7 +63,7 @@
 //	|   32 |  4 | length | byte length of the logical range; for Write     |
 //	|      |    |        | also the number of data bytes                   |
 //	|   36 |  4 | auxlen | number of aux bytes                             |
-//	|   40 |  4 | -      | reserved, 0                                     |
+//	|   40 |  4 | tag    | low 32 bits of the segment id (version 1: 0)    |
 //	|   44 |  4 | crc32c | Castagnoli CRC of bytes [0,44) + data + aux     |
 //	|   48 |  n | data   | Write: length bytes; other kinds: none          |
 //	|48+n  |  a | aux    | auxlen opaque bytes                             |
@@ -74,14 +92,17 @@
 //     record after a cut survives and later appends follow valid data.
 //   - An older (sealed) segment may also end in a torn tail after a crash
 //     soon after a rotation. Open cuts it, and deletes every later segment,
-//     when its invalid tail looks torn (the file ends inside the record, or
-//     only zeros follow) or when no later segment holds a valid record. This
-//     loses nothing acknowledged: Sync fsyncs sealed segments before newer
-//     ones, so no later record was reported durable while this tail was not.
+//     when its invalid tail looks torn (the file ends inside the record,
+//     only zeros follow, or the file holds no seal record of the segment
+//     past it) or when no later segment holds a valid record. This loses
+//     nothing acknowledged: Sync fsyncs sealed segments, seal included,
+//     before newer ones, so no later record was reported durable while this
+//     tail was not.
 //   - Any other invalid record in an older segment (say a complete record
-//     whose crc fails, while a later segment holds valid records), and any
-//     opnum that does not increase, is ErrCorrupt (see CorruptError): Open
-//     fails rather than drop data that may have been acknowledged.
+//     whose crc fails, or a damaged seal, while a later segment holds valid
+//     records), and any opnum that does not increase, is ErrCorrupt (see
+//     CorruptError): Open fails rather than drop data that may have been
+//     acknowledged.
 //   - A failed Append (say out of space) appends nothing: the file is cut
 //     back to the end of the last record and later Appends may succeed.
 //   - An fsync error, or a failed write that cannot be cut back, poisons the
@@ -109,9 +130,10 @@
 //     otherwise.
 //   - Sync: one fdatasync per unsynced segment per round (normally just the
 //     active one); none when nothing was appended since the last round.
-//   - Rotation: a file create and truncate (presize) inside the Append that
-//     crosses SegmentSize (or in Rotate); the directory fsync waits for the
-//     next Sync round, so no Append waits for one.
+//   - Rotation: a seal record, and a rename of a pooled file or a file
+//     create and truncate (presize), inside the Append that crosses
+//     SegmentSize (or in Rotate); the directory fsync waits for the next
+//     Sync round, so no Append waits for one.
 //   - Every live segment keeps one open file descriptor.
 //   - Open reads and checks every record of every segment, and fsyncs each
 //     segment (cheap when clean).

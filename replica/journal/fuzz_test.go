@@ -20,7 +20,7 @@ func FuzzOpen(f *testing.F) {
 		{Kind: KindMeta, Epoch: 2, OpNum: 9, Aux: []byte("extents")},
 	} {
 		b := make([]byte, HeaderSize+len(r.Data)+len(r.Aux))
-		encodeRecord(b, &r)
+		encodeRecord(b, &r, segTag(1))
 		enc = append(enc, b...)
 		f.Add(bytes.Clone(enc))
 		if i == 1 {
@@ -46,8 +46,14 @@ func FuzzOpen(f *testing.F) {
 		recs, _ := replayAll(t, j, 0)
 		var again []byte
 		for i := range recs {
+			// In the version the input used (1 is still read).
+			vers, tag := data[len(again)+6], segTag(1)
+			if vers == 1 {
+				tag = 0
+			}
 			b := make([]byte, HeaderSize+len(recs[i].Data)+len(recs[i].Aux))
-			encodeRecord(b, &recs[i])
+			encodeHeaderVersion(b[:HeaderSize], &recs[i], vers, tag)
+			copy(b[copy(b[HeaderSize:], recs[i].Data)+HeaderSize:], recs[i].Aux)
 			again = append(again, b...)
 		}
 		size := j.Segments()[0].Size

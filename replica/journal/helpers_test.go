@@ -12,12 +12,14 @@ import (
 	"github.com/cockroachdb/pebble/vfs"
 )
 
-// countFS wraps a vfs.FS and counts fsyncs of files (not directories). If
+// countFS wraps a vfs.FS and counts fsyncs of files (not directories) and
+// creates. If
 // gate is set, every file fsync first calls it.
 type countFS struct {
 	vfs.FS
-	syncs atomic.Int64
-	gate  func()
+	syncs   atomic.Int64
+	creates atomic.Int64 // files created
+	gate    func()
 }
 
 func (c *countFS) wrap(f vfs.File, err error) (vfs.File, error) {
@@ -27,7 +29,10 @@ func (c *countFS) wrap(f vfs.File, err error) (vfs.File, error) {
 	return &countFile{File: f, fs: c}, nil
 }
 
-func (c *countFS) Create(name string) (vfs.File, error) { return c.wrap(c.FS.Create(name)) }
+func (c *countFS) Create(name string) (vfs.File, error) {
+	c.creates.Add(1)
+	return c.wrap(c.FS.Create(name))
+}
 func (c *countFS) Open(name string, opts ...vfs.OpenOption) (vfs.File, error) {
 	return c.wrap(c.FS.Open(name, opts...))
 }

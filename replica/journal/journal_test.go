@@ -719,9 +719,9 @@ func TestCloseWhileReading(t *testing.T) {
 }
 
 // TestPresizedSegments: on a real file system the active segment is
-// presized to SegmentSize (sparse), a sealed segment ends exactly at its
-// last record, Close leaves the active one exact too, and reopening keeps
-// every record.
+// presized to SegmentSize (sparse), a sealed segment keeps its size and
+// ends in a seal record, Close leaves the active one exact, and reopening
+// keeps every record.
 func TestPresizedSegments(t *testing.T) {
 	dir := t.TempDir()
 	const segSize = 1 << 20
@@ -749,8 +749,8 @@ func TestPresizedSegments(t *testing.T) {
 	if err != nil || sealed != 1 {
 		t.Fatalf("rotate = %d, %v", sealed, err)
 	}
-	if got, end := size(1), j.Segments()[0].Size; got != end {
-		t.Fatalf("sealed segment is %d bytes, its records end at %d", got, end)
+	if got, end := size(1), j.Segments()[0].Size; got != segSize || end != 10*(HeaderSize+4096)+HeaderSize {
+		t.Fatalf("sealed segment is %d bytes, its records and seal end at %d", got, end)
 	}
 	r := Record{Kind: KindMeta, OpNum: 11, Aux: []byte("x")}
 	if _, err := j.Append(&r); err != nil {

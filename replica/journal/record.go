@@ -20,6 +20,10 @@ const (
 	KindZero  Kind = 2 // [Off, Off+Len) reads as zeros; no data
 	KindTrim  Kind = 3 // [Off, Off+Len) is discarded; no data
 	KindMeta  Kind = 4 // engine metadata op: aux only
+
+	// kindSeal ends a sealed segment (journal-internal, never replayed):
+	// what follows it in the file is left from an earlier use of the file.
+	kindSeal Kind = 5
 )
 
 func (k Kind) String() string {
@@ -32,6 +36,8 @@ func (k Kind) String() string {
 		return "trim"
 	case KindMeta:
 		return "meta"
+	case kindSeal:
+		return "seal"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -62,14 +68,21 @@ const (
 	MaxPayload = 128 << 20 // data + aux bytes of one record
 
 	magic   = 0x4c4e524a // "JRNL" as little-endian bytes
-	version = 1
+	version = 2          // 1: no tag (read, never written)
 	crcOff  = 44
+	tagOff  = 40
 )
+
+// segTag is the tag of segment id's records: a record read from a segment
+// file with another tag was left there by an earlier use of the file.
+func segTag(id uint64) uint32 { return uint32(id) }
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // header is a decoded record header.
 type header struct {
+	vers   uint8
+	tag    uint32 // version 2: segTag of the segment written to
 	kind   Kind
 	flags  uint8
 	epoch  uint64
@@ -115,28 +128,32 @@ func checkRecord(r *Record) error {
 }
 
 // encodeRecord writes r's header, data and aux into b, which must hold
-// HeaderSize+len(r.Data)+len(r.Aux) bytes.
-func encodeRecord(b []byte, r *Record) {
-	encodeHeader(b[:HeaderSize], r)
+// HeaderSize+len(r.Data)+len(r.Aux) bytes, as a record of the segment
+// with tag.
+func encodeRecord(b []byte, r *Record, tag uint32) {
+	encodeHeader(b[:HeaderSize], r, tag)
 	n := HeaderSize + copy(b[HeaderSize:], r.Data)
 	copy(b[n:], r.Aux)
 }
 
-// encodeHeader fills the HeaderSize bytes of h for r, with the crc of the
-// header and r's payload (data, then aux).
-func encodeHeader(h []byte, r *Record) {
+// encodeHeader fills the HeaderSize bytes of h for r in the segment with
+// tag, with the crc of the header and r's payload (data, then aux).
+func encodeHeader(h []byte, r *Record, tag uint32) { encodeHeaderVersion(h, r, version, tag) }
+
+// encodeHeaderVersion is encodeHeader in format version vers (1: tag 0).
+func encodeHeaderVersion(h []byte, r *Record, vers uint8, tag uint32) {
 	_ = h[HeaderSize-1]
 	binary.LittleEndian.PutUint32(h[0:], magic)
 	h[4] = byte(r.Kind)
 	h[5] = r.Flags
-	h[6] = version
+	h[6] = vers
 	h[7] = 0
 	binary.LittleEndian.PutUint64(h[8:], r.Epoch)
 	binary.LittleEndian.PutUint64(h[16:], r.OpNum)
 	binary.LittleEndian.PutUint64(h[24:], uint64(r.Off))
 	binary.LittleEndian.PutUint32(h[32:], uint32(r.Len))
 	binary.LittleEndian.PutUint32(h[36:], uint32(len(r.Aux)))
-	binary.LittleEndian.PutUint32(h[40:], 0)
+	binary.LittleEndian.PutUint32(h[tagOff:], tag)
 	crc := crc32.Update(0, castagnoli, h[:crcOff])
 	crc = crc32.Update(crc, castagnoli, r.Data)
 	crc = crc32.Update(crc, castagnoli, r.Aux)
@@ -150,14 +167,16 @@ func decodeHeader(b []byte, h *header) string {
 	if binary.LittleEndian.Uint32(b[0:]) != magic {
 		return "bad magic"
 	}
-	if b[6] != version {
+	h.vers = b[6]
+	h.tag = binary.LittleEndian.Uint32(b[tagOff:])
+	if h.vers != 1 && h.vers != version {
 		return fmt.Sprintf("unknown version %d", b[6])
 	}
-	if b[7] != 0 || binary.LittleEndian.Uint32(b[40:]) != 0 {
+	if b[7] != 0 || h.vers == 1 && h.tag != 0 {
 		return "reserved bytes set"
 	}
 	h.kind = Kind(b[4])
-	if h.kind < KindWrite || h.kind > KindMeta {
+	if h.kind < KindWrite || h.kind > kindSeal || h.kind == kindSeal && h.vers == 1 {
 		return fmt.Sprintf("unknown kind %d", b[4])
 	}
 	h.flags = b[5]
@@ -179,6 +198,7 @@ func decodeHeader(b []byte, h *header) string {
 // scanner reads the records of one segment file in order through a window
 // buffer. Slices it returns are valid until the next call.
 type scanner struct {
+	tag  uint32 // the segment's: a version-2 record with another is stale
 	f    vfs.File
 	size int64  // bytes to consider
 	buf  []byte // window; buf[:n] holds file bytes [base, base+n)
@@ -188,11 +208,11 @@ type scanner struct {
 
 // newScanner reads f up to size, reusing buf if it makes a big enough
 // window (a full one, or the whole file).
-func newScanner(f vfs.File, size int64, buf []byte) *scanner {
+func newScanner(f vfs.File, tag uint32, size int64, buf []byte) *scanner {
 	if int64(len(buf)) < min(scanBufSize, size) {
 		buf = nil
 	}
-	return &scanner{f: f, size: size, buf: buf}
+	return &scanner{tag: tag, f: f, size: size, buf: buf}
 }
 
 // window returns file bytes [off, off+n), which must lie inside s.size.
@@ -218,6 +238,9 @@ func (s *scanner) window(off int64, n int) ([]byte, error) {
 	return s.buf[:n], nil
 }
 
+// staleRecord is next's reason for a record of an earlier use of the file.
+const staleRecord = "record of an earlier use of the file"
+
 // next reads the record at off. bad is non-empty when the bytes there are not
 // a valid record (torn, corrupt, or past the end); err reports a failed read.
 // data and aux alias the window.
@@ -231,6 +254,9 @@ func (s *scanner) next(off int64, h *header) (data, aux []byte, bad string, err 
 	}
 	if bad := decodeHeader(b, h); bad != "" {
 		return nil, nil, bad, nil
+	}
+	if h.vers != 1 && h.tag != s.tag {
+		return nil, nil, staleRecord, nil
 	}
 	pl := h.payloadLen()
 	if s.size-off-HeaderSize < pl {

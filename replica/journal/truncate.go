@@ -157,7 +157,7 @@ type keptRecords struct {
 func (j *Journal) findCut(s *segment, op uint64) (int64, keptRecords, error) {
 	var k keptRecords
 	size := s.size.Load()
-	sc := newScanner(s.f, size, nil)
+	sc := newScanner(s.f, segTag(s.id), size, nil)
 	for off := int64(0); off < size; {
 		var h header
 		_, _, bad, err := sc.next(off, &h)
@@ -166,6 +166,9 @@ func (j *Journal) findCut(s *segment, op uint64) (int64, keptRecords, error) {
 		}
 		if bad != "" {
 			return 0, k, &CorruptError{Seg: s.id, Off: off, Reason: bad}
+		}
+		if h.kind == kindSeal {
+			break
 		}
 		if h.opnum >= op {
 			return off, k, nil

@@ -338,7 +338,6 @@ func (m *Manager) closeAll() error {
 	var errs []error
 	for _, v := range m.volumes() {
 		for _, p := range v.partitions() {
-			p.Quiesce()
 			errs = append(errs, p.Persist())
 		}
 	}
