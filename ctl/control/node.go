@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 
@@ -228,17 +227,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		if adv.Port == 0 {
 			advAddr = nil // the listener's address, port chosen by the kernel
 		}
-		// MaxRPCsInFlight 1: no pipelining. A pipelined follower's
-		// nextIndex counts entries sent, not stored, and a leadership
-		// hand-off sends TimeoutNow once nextIndex passes the last entry:
-		// the target could campaign before the last entries arrived and
-		// lose the vote to the old leader's longer log, leaving no leader
-		// for a heartbeat timeout. raft's docs find pipelining of little
-		// use outside high-latency links.
-		t, err := raft.NewTCPTransportWithConfig(cfg.RaftAddr, advAddr, &raft.NetworkTransportConfig{
-			MaxPool: 3, Timeout: 5 * time.Second, MaxRPCsInFlight: 1,
-			Logger: hclog.New(&hclog.LoggerOptions{Name: "raft-net", Output: rlog, Level: hclog.DefaultLevel}),
-		})
+		t, err := raft.NewTCPTransport(cfg.RaftAddr, advAddr, 3, 5*time.Second, rlog)
 		if err != nil {
 			store.Close()
 			return nil, fmt.Errorf("control: raft listen %s: %w", cfg.RaftAddr, err)
@@ -742,9 +731,12 @@ func (n *Node) mayHandoff(since, last time.Time) bool {
 
 // transfer hands leadership to voter to (raft's leadership transfer).
 //
-// A committed barrier first, so that the target has the log up to now
-// (raft sends TimeoutNow once the target's nextIndex passes the last
-// entry; see the transport's MaxRPCsInFlight in NewNode).
+// A committed barrier first, so that the target has most of the log.
+// Even so a transfer can fail (raft v1.6): the old leader takes writes
+// again as soon as TimeoutNow is sent, and if one lands before the
+// target's vote request, the longer log refuses the vote; the group then
+// has no leader until a heartbeat timeout (about one hand-off in ten on a
+// loaded machine, with the heads' map reads as the writes).
 func (n *Node) transfer(ctx context.Context, to Voter) {
 	hctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout+time.Second)
 	defer cancel()
