@@ -147,7 +147,12 @@ type Node struct {
 	obs    chan raft.Observation
 	obsv   *raft.Observer // heartbeat failures and resumptions, read by the ticker
 	wg     sync.WaitGroup // the ticker
-	waits  sync.WaitGroup // goroutines waiting on raft futures; end at raft shutdown
+	// gate is held shared by every call that submits a raft entry (all
+	// entries of this leader come through this Node) and exclusively by
+	// a leadership hand-off, from before its last barrier until this node
+	// stopped leading: no entry may follow the TimeoutNow (see transfer).
+	gate  sync.RWMutex
+	waits sync.WaitGroup // goroutines waiting on raft futures; end at raft shutdown
 
 	closeOnce sync.Once
 	closeErr  error
@@ -401,7 +406,9 @@ func (n *Node) Propose(ctx context.Context, c cluster.Command) (cluster.Result, 
 	if err != nil {
 		return cluster.Result{}, fmt.Errorf("%w: encode command: %v", api.ErrInvalid, err)
 	}
+	n.gate.RLock()
 	f := n.raft.Apply(b, n.timeout(ctx))
+	n.gate.RUnlock()
 	if err := n.wait(ctx, f); err != nil {
 		return cluster.Result{}, n.raftError(err)
 	}
@@ -428,7 +435,10 @@ func (n *Node) Barrier(ctx context.Context) error {
 	if n.raft.State() != raft.Leader {
 		return n.notLeader()
 	}
-	return n.raftError(n.wait(ctx, n.raft.Barrier(n.timeout(ctx))))
+	n.gate.RLock()
+	f := n.raft.Barrier(n.timeout(ctx))
+	n.gate.RUnlock()
+	return n.raftError(n.wait(ctx, f))
 }
 
 // ConsistentRead is Barrier then Read: fn sees every write committed before
@@ -502,7 +512,9 @@ func (n *Node) Join(ctx context.Context, id api.NodeID, raftAddr string) error {
 	if registered != "" && registered != raftAddr {
 		return fmt.Errorf("%w: node %s registered raft address %s, not %s", api.ErrInvalid, id, registered, raftAddr)
 	}
+	n.gate.RLock()
 	f := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, n.timeout(ctx))
+	n.gate.RUnlock()
 	if err := n.wait(ctx, f); err != nil {
 		return n.raftError(err)
 	}
@@ -527,7 +539,10 @@ func (n *Node) Leave(ctx context.Context, id api.NodeID) error {
 	if !found {
 		return nil
 	}
-	if err := n.wait(ctx, n.raft.RemoveServer(raft.ServerID(id), 0, n.timeout(ctx))); err != nil {
+	n.gate.RLock()
+	f := n.raft.RemoveServer(raft.ServerID(id), 0, n.timeout(ctx))
+	n.gate.RUnlock()
+	if err := n.wait(ctx, f); err != nil {
 		return n.raftError(err)
 	}
 	n.log.Info("control: voter removed", "voter", string(id))
@@ -731,21 +746,33 @@ func (n *Node) mayHandoff(since, last time.Time) bool {
 
 // transfer hands leadership to voter to (raft's leadership transfer).
 //
-// A committed barrier first, so that the target has most of the log.
-// Even so a transfer can fail (raft v1.6): the old leader takes writes
-// again as soon as TimeoutNow is sent, and if one lands before the
-// target's vote request, the longer log refuses the vote; the group then
-// has no leader until a heartbeat timeout (about one hand-off in ten on a
-// loaded machine, with the heads' map reads as the writes).
+// raft (v1.6) sends the target TimeoutNow once it holds the leader's last
+// entry, then takes entries again at once; one appended before the
+// target's vote request arrives makes the old leader's log the longer, the
+// vote is refused, and the group has no leader until a heartbeat timeout
+// (one hand-off in ten on a loaded machine, with the heads' map reads and
+// heartbeats as the entries). So the hand-off holds the gate: it waits for
+// the entries already submitted (a barrier), transfers, and lets no new
+// entry in until this node stopped leading (or ElectionTimeout passed).
 func (n *Node) transfer(ctx context.Context, to Voter) {
 	hctx, cancel := context.WithTimeout(ctx, n.cfg.ElectionTimeout+time.Second)
 	defer cancel()
-	if err := n.Barrier(hctx); err != nil {
-		n.log.Warn("control: leadership hand-off: barrier", "to", string(to.ID), "err", err)
+	n.gate.Lock()
+	defer n.gate.Unlock()
+	if err := n.wait(hctx, n.raft.Barrier(n.timeout(hctx))); err != nil {
+		n.log.Warn("control: leadership hand-off: barrier", "to", string(to.ID), "err", n.raftError(err))
 		return
 	}
 	if err := n.wait(hctx, n.raft.LeadershipTransferToServer(raft.ServerID(to.ID), raft.ServerAddress(to.Raft))); err != nil {
 		n.log.Warn("control: leadership hand-off", "to", string(to.ID), "err", err)
+		return
+	}
+	for deadline := time.Now().Add(n.cfg.ElectionTimeout); n.raft.State() == raft.Leader && time.Now().Before(deadline); {
+		select {
+		case <-hctx.Done():
+			return
+		case <-time.After(time.Millisecond):
+		}
 	}
 }
 

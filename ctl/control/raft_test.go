@@ -13,6 +13,7 @@ import (
 	"slices"
 	"sort"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -722,6 +723,65 @@ func TestMayHandoff(t *testing.T) {
 		if got := leader.mayHandoff(now.Add(-tc.led), now.Add(-tc.sinceLast)); got != tc.want {
 			t.Errorf("led %v, last hand-off %v ago: %v, want %v", tc.led, tc.sinceLast, got, tc.want)
 		}
+	}
+}
+
+// TestRaftHandoffUnderLoad hands leadership back and forth while another
+// goroutine proposes as fast as it can: every hand-off ends with the
+// target leading (raft v1.6 takes entries again right after TimeoutNow,
+// and one that lands before the target's vote request loses it the vote;
+// the gate keeps them out).
+func TestRaftHandoffUnderLoad(t *testing.T) {
+	c := newRaftCluster(t)
+	leader := c.form(3)
+	nodes := map[api.NodeID]*Node{}
+	for _, id := range c.running() {
+		nodes[id] = c.nodes[id]
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				for _, n := range nodes {
+					if n.IsLeader() {
+						ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+						n.Propose(ctx, cluster.Command{Op: cluster.OpHeartbeat, Node: "n1", Health: 100})
+						cancel()
+					}
+				}
+			}
+		}()
+	}
+	defer func() {
+		close(stop)
+		wg.Wait()
+	}()
+	failed := 0
+	for i := 0; i < 20; i++ {
+		var to api.NodeID
+		for _, id := range c.running() {
+			if id != leader.ID() && (to == "" || i%2 == 1) {
+				to = id
+			}
+		}
+		leader.transfer(context.Background(), Voter{ID: to, Raft: raftAddrOf(to), Suffrage: raft.Voter.String()})
+		next := c.waitLeader(c.running(), 10*time.Second)
+		if next.ID() != to {
+			failed++
+			t.Logf("hand-off %d from %s to %s: %s leads", i, leader.ID(), to, next.ID())
+		}
+		leader = next
+	}
+	if failed > 0 {
+		t.Fatalf("%d of 20 hand-offs did not end with the target leading", failed)
 	}
 }
 
