@@ -55,6 +55,7 @@ func (c *controlRole) handler(status func(context.Context) (api.Status, error), 
 	}), c.cfg))
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
 }
 
