@@ -272,3 +272,37 @@ func TestAgentHeartbeatFollowsSuspect(t *testing.T) {
 		t.Fatalf("fixed agent's interval %v after the configure, want its own 400ms", got)
 	}
 }
+
+// TestAgentLearnsAConfigureSoon: an agent heartbeating at the default 1s
+// period (suspect 4s) learns a shorter suspect timeout within about a
+// second and a heartbeat, not ten heartbeats later: until it does, a new
+// leader's grace (the new suspect timeout) may be shorter than its period.
+func TestAgentLearnsAConfigureSoon(t *testing.T) {
+	c := newAPICluster(t, 1)
+	l := c.leader.ID()
+	ag, err := StartAgent(AgentConfig{
+		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{c.srv[l].URL},
+		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ag.Close)
+	for deadline := time.Now().Add(10 * time.Second); ag.State() != cluster.StateActive; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not active: %v", ag.Err())
+		}
+	}
+	if got := ag.interval(); got != maxHeartbeatPeriod {
+		t.Fatalf("interval %v before the configure, want %v", got, maxHeartbeatPeriod)
+	}
+	c.want(t, l, "POST", "/v1/cluster/config", `{"lease_timeout":"3s","suspect_timeout":"300ms"}`, 200)
+	start := time.Now()
+	for ag.interval() != 100*time.Millisecond {
+		if time.Since(start) > 4*time.Second { // ten 1s heartbeats took ~10s
+			t.Fatalf("agent still at %v after %v", ag.interval(), time.Since(start))
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("learned the configure in %v", time.Since(start).Round(time.Millisecond))
+}

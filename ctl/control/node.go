@@ -605,7 +605,8 @@ func (n *Node) ticker(ctx context.Context) {
 	defer n.wg.Done()
 	t := time.NewTimer(n.tickPeriod())
 	defer t.Stop()
-	var since, handoff time.Time
+	var since, handoff, cfgChanged time.Time
+	var cfg cluster.Config
 	out := map[api.NodeID]time.Time{}      // voters failing heartbeats: their last contact
 	returned := map[api.NodeID]time.Time{} // voters back after refreshAfter: when
 	for {
@@ -637,8 +638,13 @@ func (n *Node) ticker(ctx context.Context) {
 			clear(out)
 			clear(returned)
 		}
-		n.maybeRefresh(ctx, since, &handoff, returned)
-		n.maybeHandoff(ctx, since, &handoff)
+		n.fsm.read(func(m *cluster.Map) {
+			if m.Config != cfg {
+				cfg, cfgChanged = m.Config, time.Now()
+			}
+		})
+		n.maybeRefresh(ctx, since, cfgChanged, &handoff, returned)
+		n.maybeHandoff(ctx, since, cfgChanged, &handoff)
 		t.Reset(n.nextTick(start, since))
 	}
 }
@@ -653,7 +659,7 @@ const (
 // returned (voters back from an outage, by when; entries are dropped once
 // acted on or past refreshWindow), if this node leads and mayHandoff
 // (*last, set here).
-func (n *Node) maybeRefresh(ctx context.Context, since time.Time, last *time.Time, returned map[api.NodeID]time.Time) {
+func (n *Node) maybeRefresh(ctx context.Context, since, cfgChanged time.Time, last *time.Time, returned map[api.NodeID]time.Time) {
 	for id, at := range returned {
 		if time.Since(at) > refreshWindow {
 			delete(returned, id)
@@ -662,7 +668,7 @@ func (n *Node) maybeRefresh(ctx context.Context, since time.Time, last *time.Tim
 	if len(returned) == 0 || n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
 		return
 	}
-	if !n.mayHandoff(since, *last) {
+	if !n.mayHandoff(since, cfgChanged, *last) {
 		return
 	}
 	now := n.cfg.Now()
@@ -710,11 +716,11 @@ func (n *Node) nextTick(start, since time.Time) time.Duration {
 // maybeHandoff transfers leadership to the voter handoffTarget names, if
 // mayHandoff (since: when this node began to lead; *last: its last
 // hand-off, set here).
-func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Time) {
+func (n *Node) maybeHandoff(ctx context.Context, since, cfgChanged time.Time, last *time.Time) {
 	if n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
 		return
 	}
-	if !n.mayHandoff(since, *last) {
+	if !n.mayHandoff(since, cfgChanged, *last) {
 		return
 	}
 	now := n.cfg.Now()
@@ -734,14 +740,25 @@ func (n *Node) maybeHandoff(ctx context.Context, since time.Time, last *time.Tim
 	n.transfer(ctx, to)
 }
 
+// configSettle is how long after a change of the cluster's config (seen
+// by this leader at cfgChanged) it hands nothing off: the agents learn
+// the new suspect timeout, and with it their heartbeat period, within
+// relearnEvery and a heartbeat period (at most maxHeartbeatPeriod). A
+// new leader judges every node after the suspect timeout; until then an
+// agent may still heartbeat at the old, longer period, and a hand-off
+// could have a live node declared dead.
+const configSettle = relearnEvery + 2*maxHeartbeatPeriod
+
 // mayHandoff reports whether a leader since since, whose last hand-off
 // was at last, may hand leadership off now: it has led for HandoffQuiet
-// and the map's suspect timeout, and handed nothing off for HandoffQuiet.
-func (n *Node) mayHandoff(since, last time.Time) bool {
+// and the map's suspect timeout, handed nothing off for HandoffQuiet, and
+// the config has not changed for configSettle.
+func (n *Node) mayHandoff(since, cfgChanged, last time.Time) bool {
 	var suspect time.Duration
 	n.fsm.read(func(m *cluster.Map) { suspect = m.Config.SuspectTimeout })
 	now := n.cfg.Now()
-	return now.Sub(since) >= max(n.cfg.HandoffQuiet, suspect) && now.Sub(last) >= n.cfg.HandoffQuiet
+	return now.Sub(since) >= max(n.cfg.HandoffQuiet, suspect) && now.Sub(last) >= n.cfg.HandoffQuiet &&
+		now.Sub(cfgChanged) >= configSettle
 }
 
 // transfer hands leadership to voter to (raft's leadership transfer).

@@ -27,8 +27,9 @@ import (
 // when no heartbeat was acknowledged for the cluster's suspect timeout.
 //
 // The agent learns the cluster's config from GET /v1/cluster/status once
-// registered and again every relearnBeats heartbeats, so a configure reaches
-// running agents. Unless AgentConfig sets them, it takes from it:
+// registered and again after a heartbeat once relearnEvery has passed, so a
+// configure reaches running agents within about a second and a heartbeat
+// period (the leader's hand-offs wait configSettle for that). Unless AgentConfig sets them, it takes from it:
 //   - the suspect timeout after which it counts itself isolating;
 //   - its heartbeat period, min(1s, suspect timeout/3) and at least
 //     minHeartbeatPeriod, so that at least two heartbeats fall in every
@@ -129,7 +130,7 @@ func (a *Agent) setErr(err error) {
 const (
 	maxHeartbeatPeriod = time.Second           // when AgentConfig.Interval is 0
 	minHeartbeatPeriod = 10 * time.Millisecond // however short the suspect timeout
-	relearnBeats       = 10                    // heartbeats between two config reads
+	relearnEvery       = time.Second           // least time between two config reads
 )
 
 // heartbeatPeriod is the agent's heartbeat period: explicit when set, else
@@ -151,7 +152,7 @@ func (a *Agent) interval() time.Duration {
 func (a *Agent) run(ctx context.Context) {
 	defer close(a.done)
 	registered, joined := false, !a.cfg.Voter
-	beats := 0 // acknowledged heartbeats
+	var learned time.Time // when the config was read last
 	// The period counts from one step's start to the next's.
 	t := time.NewTimer(a.interval())
 	defer t.Stop()
@@ -163,6 +164,7 @@ func (a *Agent) run(ctx context.Context) {
 			registered = err == nil
 			if registered {
 				a.learnConfig(ctx)
+				learned = time.Now()
 			}
 		case !joined:
 			err = a.call(ctx, "POST", "/v1/cluster/join", JoinRequest{ID: a.cfg.ID, Raft: a.cfg.Spec.Addr.Raft}, nil)
@@ -175,10 +177,9 @@ func (a *Agent) run(ctx context.Context) {
 			if errors.Is(err, api.ErrNotFound) {
 				registered = false // removed from the map: register again
 			}
-			if err == nil {
-				if beats++; beats%relearnBeats == 0 {
-					a.learnConfig(ctx)
-				}
+			if err == nil && time.Since(learned) >= relearnEvery {
+				a.learnConfig(ctx)
+				learned = time.Now()
 			}
 		}
 		a.setErr(err)

@@ -712,16 +712,18 @@ func TestMayHandoff(t *testing.T) {
 	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
 	now := time.Now()
 	for _, tc := range []struct {
-		led, sinceLast time.Duration
-		want           bool
+		led, sinceLast, sinceConfig time.Duration
+		want                        bool
 	}{
-		{2 * time.Second, time.Hour, false},              // past the quiet, within the grace
-		{6 * time.Second, time.Hour, true},               // past both
-		{6 * time.Second, 500 * time.Millisecond, false}, // a hand-off just now
-		{6 * time.Second, 2 * time.Second, true},
+		{2 * time.Second, time.Hour, time.Hour, false},              // past the quiet, within the grace
+		{6 * time.Second, time.Hour, time.Hour, true},               // past both
+		{6 * time.Second, 500 * time.Millisecond, time.Hour, false}, // a hand-off just now
+		{6 * time.Second, 2 * time.Second, time.Hour, true},
+		{6 * time.Second, time.Hour, configSettle / 2, false}, // agents may not know the config yet
+		{6 * time.Second, time.Hour, configSettle, true},
 	} {
-		if got := leader.mayHandoff(now.Add(-tc.led), now.Add(-tc.sinceLast)); got != tc.want {
-			t.Errorf("led %v, last hand-off %v ago: %v, want %v", tc.led, tc.sinceLast, got, tc.want)
+		if got := leader.mayHandoff(now.Add(-tc.led), now.Add(-tc.sinceConfig), now.Add(-tc.sinceLast)); got != tc.want {
+			t.Errorf("led %v, last hand-off %v ago, config changed %v ago: %v, want %v", tc.led, tc.sinceLast, tc.sinceConfig, got, tc.want)
 		}
 	}
 }
