@@ -46,7 +46,8 @@
 //     and addresses is ErrExists; the same id with other addresses is
 //     ErrInUse), then heartbeats with its health score. Tick(now) marks a node
 //     isolating when it missed heartbeats for SuspectTimeout, dead after
-//     LeaseTimeout; a dead node's roles are released and its replicas are
+//     LeaseTimeout (a configure that shortens them judges by the old ones
+//     for ConfigSettle); a dead node's roles are released and its replicas are
 //     re-placed (recorded as Work). A heartbeat revives a node. Drain/undrain
 //     set the operator's draining state. State, in order of precedence:
 //     dead > draining > isolating (late heartbeat or health below MinHealth)
@@ -321,6 +322,14 @@ func (c Config) validate() error {
 	return nil
 }
 
+// ConfigSettle is how long after a configure that shortens the lease or
+// suspect timeout ticks still judge nodes by the longer, old one: every
+// node's agent learns the config within a second and then heartbeats at the
+// new period, but until then it may heartbeat at the old one (up to 1s), and
+// a live node would be declared late or dead (and lose its replicas) for
+// heartbeats it was never told to send faster.
+const ConfigSettle = 3 * time.Second
+
 // Limits.
 const (
 	MaxReplicas   = 7
@@ -338,9 +347,14 @@ type Map struct {
 	Volumes   map[string]*Volume   `json:"volumes"`
 	Snapshots map[string]*Snapshot `json:"snapshots"`
 	Work      []Work               `json:"work"`
-	Seq       uint64               `json:"seq"`     // last id given to a volume, snapshot or work item
-	Now       time.Time            `json:"now"`     // latest time a command carried
-	Version   uint64               `json:"version"` // successful commands applied
+	Seq       uint64               `json:"seq"` // last id given to a volume, snapshot or work item
+	Now       time.Time            `json:"now"` // latest time a command carried
+	// Settling is the config before a configure that shortened a
+	// timeout, Configured that configure's time: for ConfigSettle after
+	// it, ticks judge nodes by the longer of the two (see ConfigSettle).
+	Settling   *Config   `json:"settling,omitempty"`
+	Configured time.Time `json:"configured,omitempty"`
+	Version    uint64    `json:"version"` // successful commands applied
 }
 
 // New returns an empty Map with DefaultConfig.

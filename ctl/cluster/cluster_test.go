@@ -879,3 +879,36 @@ func TestNextJudgment(t *testing.T) {
 		t.Fatalf("every other node is dead, next judgment %v", got)
 	}
 }
+
+// TestConfigureSettles: a configure that shortens the lease and suspect
+// timeouts judges nodes by the old ones for ConfigSettle (their agents
+// still heartbeat at the old period until they learn the new config), then
+// by the new; one that lengthens them applies at once.
+func TestConfigureSettles(t *testing.T) {
+	at := func(d time.Duration) time.Time { return t0.Add(d) }
+	m := newMap(t, 2) // lease 10s, suspect 4s; registered at t0
+	mustApply(t, m, Command{Op: OpHeartbeat, Now: at(20 * time.Second), Node: "n2", Health: 100})
+	short := m.Config
+	short.LeaseTimeout, short.SuspectTimeout = 2*time.Second, time.Second
+	mustApply(t, m, Command{Op: OpConfigure, Now: at(21 * time.Second), Config: &short})
+	// n2 heard 2.5s ago: past the new lease, not the old suspect timeout.
+	r := mustApply(t, m, Command{Op: OpTick, Now: at(22500 * time.Millisecond), Node: "n1", Since: t0})
+	if n, _ := m.Node("n2"); len(r.Dead) != 0 || n.State != StateActive {
+		t.Fatalf("within the settle: dead %v, n2 %s", r.Dead, n.State)
+	}
+	if got := m.NextJudgment("n1", t0); !got.Equal(at(21*time.Second + ConfigSettle)) {
+		t.Fatalf("next judgment %v, want the settle's end", got.Sub(t0))
+	}
+	r = mustApply(t, m, Command{Op: OpTick, Now: at(21*time.Second + ConfigSettle), Node: "n1", Since: t0})
+	if !slices.Equal(r.Dead, []api.NodeID{"n2"}) || m.Settling != nil {
+		t.Fatalf("after the settle: dead %v, settling %v", r.Dead, m.Settling)
+	}
+	// Longer timeouts: no settle.
+	long := m.Config
+	long.LeaseTimeout = time.Minute
+	mustApply(t, m, Command{Op: OpConfigure, Now: at(30 * time.Second), Config: &long})
+	if m.Settling != nil {
+		t.Fatalf("a longer lease settles: %+v", m.Settling)
+	}
+	roundTrip(t, m)
+}

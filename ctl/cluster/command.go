@@ -191,7 +191,14 @@ func (m *Map) configure(c Command) (Result, error) {
 	if err := c.Config.validate(); err != nil {
 		return Result{}, err
 	}
+	old := m.Config
+	if s := m.Settling; s != nil {
+		old.LeaseTimeout, old.SuspectTimeout = max(old.LeaseTimeout, s.LeaseTimeout), max(old.SuspectTimeout, s.SuspectTimeout)
+	}
 	m.Config = *c.Config
+	if m.Config.LeaseTimeout < old.LeaseTimeout || m.Config.SuspectTimeout < old.SuspectTimeout {
+		m.Settling, m.Configured = &old, c.Now
+	}
 	for _, id := range m.nodeIDs() {
 		m.Nodes[id].refresh(m.Config)
 	}

@@ -132,6 +132,9 @@ func (m *Map) heartbeat(c Command) (Result, error) {
 // when the dead node was the leader too).
 func (m *Map) tick(c Command) (Result, error) {
 	var res Result
+	if m.Settling != nil && !c.Now.Before(m.Configured.Add(ConfigSettle)) {
+		m.Settling = nil
+	}
 	for _, id := range m.nodeIDs() {
 		n := m.Nodes[id]
 		if n.State == StateDead || n.ID == c.Node {
@@ -160,19 +163,31 @@ func (m *Map) tick(c Command) (Result, error) {
 // suspect timeout, late past the suspect timeout counted from the
 // leader's start.
 func (m *Map) deadlines(n *Node, since time.Time) (lateAt, deadAt time.Time) {
+	lease, suspect := m.judgedBy()
 	dead, late := n.LastHeartbeat, n.LastHeartbeat
-	if g := since.Add(m.Config.SuspectTimeout - m.Config.LeaseTimeout); g.After(dead) {
+	if g := since.Add(suspect - lease); g.After(dead) {
 		dead = g
 	}
 	if since.After(late) {
 		late = since
 	}
-	return late.Add(m.Config.SuspectTimeout), dead.Add(m.Config.LeaseTimeout)
+	return late.Add(suspect), dead.Add(lease)
+}
+
+// judgedBy returns the lease and suspect timeouts ticks judge nodes by:
+// the config's, or while a configure that shortened one settles (until the
+// first tick ConfigSettle after it), the longer of the old and the new.
+func (m *Map) judgedBy() (lease, suspect time.Duration) {
+	lease, suspect = m.Config.LeaseTimeout, m.Config.SuspectTimeout
+	if s := m.Settling; s != nil {
+		lease, suspect = max(lease, s.LeaseTimeout), max(suspect, s.SuspectTimeout)
+	}
+	return lease, suspect
 }
 
 // NextJudgment returns the earliest deadline at which a Tick proposed by
 // leader (leading since since) would mark a node late or dead that it has
-// not marked yet: the proposer can tick just after it instead of waiting
+// not marked yet, or a settling configure would end (see ConfigSettle): the proposer can tick just after it instead of waiting
 // for its next periodic tick, so a dead node is declared dead when its
 // lease runs out, not up to a tick period later. The zero time when no
 // node has a pending deadline (none registered, or all dead). A deadline
@@ -184,6 +199,9 @@ func (m *Map) NextJudgment(leader api.NodeID, since time.Time) time.Time {
 		if next.IsZero() || t.Before(next) {
 			next = t
 		}
+	}
+	if m.Settling != nil {
+		earlier(m.Configured.Add(ConfigSettle)) // the shorter timeouts apply from then
 	}
 	for _, id := range m.nodeIDs() {
 		n := m.Nodes[id]

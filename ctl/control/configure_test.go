@@ -123,7 +123,10 @@ func TestRaftTickFollowsLease(t *testing.T) {
 		t.Helper()
 		cfg := cluster.DefaultConfig()
 		cfg.LeaseTimeout, cfg.SuspectTimeout = lease, suspect
-		_, leader = c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+		// Configured a minute ago, and a tick since: the settle of a
+		// shorter lease (cluster.ConfigSettle) is over.
+		_, leader = c.propose(cluster.Command{Op: cluster.OpConfigure, Config: &cfg, Now: time.Now().Add(-time.Minute).UTC()})
+		_, leader = c.propose(cluster.Command{Op: cluster.OpTick, Node: leader.ID()})
 	}
 	configure(600*time.Millisecond, 300*time.Millisecond)
 	if p := leader.tickPeriod(); p != 150*time.Millisecond {
@@ -305,4 +308,15 @@ func TestAgentLearnsAConfigureSoon(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 	t.Logf("learned the configure in %v", time.Since(start).Round(time.Millisecond))
+}
+
+// TestConfigSettleCoversTheAgents: after a configure the map judges nodes by
+// the old timeouts for cluster.ConfigSettle, and the leader hands nothing
+// off for as long; an agent must learn the config and heartbeat at the new
+// period within it.
+func TestConfigSettleCoversTheAgents(t *testing.T) {
+	if need := relearnEvery + 2*maxHeartbeatPeriod; need > cluster.ConfigSettle || configSettle != cluster.ConfigSettle {
+		t.Fatalf("agents take up to %v to heartbeat at a new period; the map settles for %v, hand-offs wait %v",
+			need, cluster.ConfigSettle, configSettle)
+	}
 }

@@ -747,7 +747,9 @@ func (n *Node) maybeHandoff(ctx context.Context, since, cfgChanged time.Time, la
 // new leader judges every node after the suspect timeout; until then an
 // agent may still heartbeat at the old, longer period, and a hand-off
 // could have a live node declared dead.
-const configSettle = relearnEvery + 2*maxHeartbeatPeriod
+// The cluster map judges nodes by the old timeouts for as long
+// (cluster.ConfigSettle), which TestConfigSettleCoversTheAgents checks.
+const configSettle = cluster.ConfigSettle
 
 // mayHandoff reports whether a leader since since, whose last hand-off
 // was at last, may hand leadership off now: it has led for HandoffQuiet

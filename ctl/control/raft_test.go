@@ -594,7 +594,9 @@ func TestTickerTicksAtTheNextDeadline(t *testing.T) {
 	cfg := cluster.DefaultConfig()
 	cfg.LeaseTimeout = 40 * time.Second // tick period: lease/4 = 10s
 	cfg.SuspectTimeout = 2 * time.Second
-	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg})
+	// Configured a minute ago, and a tick since: its settle is over.
+	propose(t, leader, cluster.Command{Op: cluster.OpConfigure, Config: &cfg, Now: time.Now().Add(-time.Minute).UTC()})
+	propose(t, leader, cluster.Command{Op: cluster.OpTick, Node: leader.ID()})
 	if p := leader.tickPeriod(); p != 10*time.Second {
 		t.Fatalf("tick period %v, want 10s", p)
 	}
