@@ -1,7 +1,11 @@
 package control
 
 import (
+	"encoding/json"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -318,5 +322,42 @@ func TestConfigSettleCoversTheAgents(t *testing.T) {
 	if need := relearnEvery + 2*maxHeartbeatPeriod; need > cluster.ConfigSettle || configSettle != cluster.ConfigSettle {
 		t.Fatalf("agents take up to %v to heartbeat at a new period; the map settles for %v, hand-offs wait %v",
 			need, cluster.ConfigSettle, configSettle)
+	}
+}
+
+// TestAgentLearnsTheLeadersConfig: the node an agent asks first answers
+// its status from a stale map (a follower that restarted and has not
+// applied the configure yet); the agent learns the config from the
+// leader that status names instead.
+func TestAgentLearnsTheLeadersConfig(t *testing.T) {
+	c := newAPICluster(t, 1)
+	l := c.leader.ID()
+	c.want(t, l, "POST", "/v1/cluster/config", `{"lease_timeout":"3s","suspect_timeout":"300ms"}`, 200)
+	lu, err := url.Parse(c.srv[l].URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(lu)
+	stale := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/cluster/status" {
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(ClusterStatus{Leader: l, LeaderAPI: lu.Host, State: "Follower", Config: cluster.DefaultConfig()})
+	}))
+	t.Cleanup(stale.Close)
+	ag, err := StartAgent(AgentConfig{
+		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{stale.URL},
+		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ag.Close)
+	for deadline := time.Now().Add(5 * time.Second); ag.interval() != 100*time.Millisecond; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("interval %v, want 100ms (the leader's suspect timeout 300ms / 3); err %v", ag.interval(), ag.Err())
+		}
 	}
 }

@@ -223,6 +223,15 @@ func (a *Agent) learnConfig(ctx context.Context) {
 		a.log.Debug("control: agent: learn the cluster config", "err", err)
 		return
 	}
+	// A status is the answering node's own map, which a follower that
+	// just restarted holds from before the entries it has yet to apply
+	// (a configure among them): the leader's is the one to learn.
+	if st.State != "Leader" && st.LeaderAPI != "" {
+		var ls ClusterStatus
+		if err := a.callAt(ctx, "http://"+st.LeaderAPI, "GET", "/v1/cluster/status", nil, &ls); err == nil && ls.Config.SuspectTimeout > 0 {
+			st = ls
+		}
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.mu.learned != st.Config.SuspectTimeout {
@@ -260,6 +269,24 @@ func (a *Agent) attemptTimeout() time.Duration {
 
 // call sends one request to the first control URL that answers.
 func (a *Agent) call(ctx context.Context, method, path string, body, out any) error {
+	var last error
+	for _, base := range a.cfg.Join {
+		err := a.callAt(ctx, base, method, path, body, out)
+		if !errors.Is(err, errNoAnswer) {
+			return err
+		}
+		last = err
+	}
+	return fmt.Errorf("no control node answered: %w", last)
+}
+
+// errNoAnswer marks a callAt error after which the next control node is
+// asked: no connection, a timeout, or 503 (no leader known).
+var errNoAnswer = errors.New("no answer")
+
+// callAt sends one request to the control node at base. An error that
+// wraps errNoAnswer means another node may answer.
+func (a *Agent) callAt(ctx context.Context, base, method, path string, body, out any) error {
 	var b []byte
 	if body != nil {
 		var err error
@@ -267,50 +294,42 @@ func (a *Agent) call(ctx context.Context, method, path string, body, out any) er
 			return fmt.Errorf("%w: %v", api.ErrInternal, err)
 		}
 	}
-	var last error
-	for _, base := range a.cfg.Join {
-		if !strings.Contains(base, "://") {
-			base = "http://" + base
-		}
-		// One node's attempt is bounded well under the suspect timeout: a
-		// control node cut off from the network (packets dropped) must
-		// not make this node miss its heartbeats while others answer.
-		actx, cancel := context.WithTimeout(ctx, a.attemptTimeout())
-		req, err := http.NewRequestWithContext(actx, method, strings.TrimRight(base, "/")+path, bytes.NewReader(b))
-		if err != nil {
-			cancel()
-			return fmt.Errorf("%w: %v", api.ErrInvalid, err)
-		}
-		req.Header.Set("Content-Type", "application/json")
-		resp, err := a.cfg.Client.Do(req)
-		if err != nil {
-			cancel()
-			last = err
-			continue
-		}
-		data, _ := io.ReadAll(io.LimitReader(resp.Body, MaxBodyBytes))
-		resp.Body.Close()
-		cancel()
-		if resp.StatusCode == http.StatusServiceUnavailable {
-			last = fmt.Errorf("%s %s: %s", method, base+path, strings.TrimSpace(string(data)))
-			continue
-		}
-		if resp.StatusCode/100 != 2 {
-			var e api.Error
-			_ = json.Unmarshal(data, &e)
-			for _, c := range api.Codes {
-				if c.Code == e.Code {
-					return fmt.Errorf("%w: %s", c.Err, e.Error)
-				}
-			}
-			return fmt.Errorf("%w: %s %s: %d %s", api.ErrInternal, method, path, resp.StatusCode, strings.TrimSpace(string(data)))
-		}
-		if out != nil {
-			if err := json.Unmarshal(data, out); err != nil {
-				return fmt.Errorf("%w: %s %s: %v", api.ErrInternal, method, path, err)
-			}
-		}
-		return nil
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
 	}
-	return fmt.Errorf("no control node answered: %w", last)
+	// One node's attempt is bounded well under the suspect timeout: a
+	// control node cut off from the network (packets dropped) must not
+	// make this node miss its heartbeats while others answer.
+	actx, cancel := context.WithTimeout(ctx, a.attemptTimeout())
+	defer cancel()
+	req, err := http.NewRequestWithContext(actx, method, strings.TrimRight(base, "/")+path, bytes.NewReader(b))
+	if err != nil {
+		return fmt.Errorf("%w: %v", api.ErrInvalid, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := a.cfg.Client.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errNoAnswer, err)
+	}
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, MaxBodyBytes))
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusServiceUnavailable {
+		return fmt.Errorf("%w: %s %s: %s", errNoAnswer, method, base+path, strings.TrimSpace(string(data)))
+	}
+	if resp.StatusCode/100 != 2 {
+		var e api.Error
+		_ = json.Unmarshal(data, &e)
+		for _, c := range api.Codes {
+			if c.Code == e.Code {
+				return fmt.Errorf("%w: %s", c.Err, e.Error)
+			}
+		}
+		return fmt.Errorf("%w: %s %s: %d %s", api.ErrInternal, method, path, resp.StatusCode, strings.TrimSpace(string(data)))
+	}
+	if out != nil {
+		if err := json.Unmarshal(data, out); err != nil {
+			return fmt.Errorf("%w: %s %s: %v", api.ErrInternal, method, path, err)
+		}
+	}
+	return nil
 }
