@@ -361,3 +361,42 @@ func TestAgentLearnsTheLeadersConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestAgentUntrustedConfigHeartbeatsOften: while no status names a
+// leader (the node asked knows none yet), the agent does not trust the
+// config it read and heartbeats at most every untrustedPeriod, not at the
+// 1s the stale default would give.
+func TestAgentUntrustedConfigHeartbeatsOften(t *testing.T) {
+	c := newAPICluster(t, 1)
+	l := c.leader.ID()
+	lu, err := url.Parse(c.srv[l].URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := httputil.NewSingleHostReverseProxy(lu)
+	stale := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/v1/cluster/status" {
+			proxy.ServeHTTP(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(ClusterStatus{State: "Follower", Config: cluster.DefaultConfig()})
+	}))
+	t.Cleanup(stale.Close)
+	ag, err := StartAgent(AgentConfig{
+		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{stale.URL},
+		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ag.Close)
+	for deadline := time.Now().Add(5 * time.Second); ag.State() != cluster.StateActive; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not active: %v", ag.Err())
+		}
+	}
+	if got := ag.interval(); got != untrustedPeriod {
+		t.Fatalf("interval %v with a config from no leader, want %v", got, untrustedPeriod)
+	}
+}

@@ -47,6 +47,7 @@ type Agent struct {
 		renewed time.Time     // last acknowledged heartbeat (local clock)
 		suspect time.Duration // isolating after this long unrenewed
 		learned time.Duration // the cluster's suspect timeout, as last learned
+		trusted bool          // learned from the leader's status
 		err     error         // last error, nil after a success
 	}
 }
@@ -128,9 +129,10 @@ func (a *Agent) setErr(err error) {
 
 // Heartbeat periods.
 const (
-	maxHeartbeatPeriod = time.Second           // when AgentConfig.Interval is 0
-	minHeartbeatPeriod = 10 * time.Millisecond // however short the suspect timeout
-	relearnEvery       = time.Second           // least time between two config reads
+	maxHeartbeatPeriod = time.Second            // when AgentConfig.Interval is 0
+	minHeartbeatPeriod = 10 * time.Millisecond  // however short the suspect timeout
+	relearnEvery       = time.Second            // least time between two config reads
+	untrustedPeriod    = 250 * time.Millisecond // longest period until the leader's config is learned
 )
 
 // heartbeatPeriod is the agent's heartbeat period: explicit when set, else
@@ -142,11 +144,18 @@ func heartbeatPeriod(explicit, suspect time.Duration) time.Duration {
 	return max(min(maxHeartbeatPeriod, suspect/3), minHeartbeatPeriod)
 }
 
-// interval is the heartbeat period now.
+// interval is the heartbeat period now: at most untrustedPeriod until the
+// config was learned from the leader (a restarted node's own map may
+// hold an old, longer suspect timeout, and the lease may be shorter than
+// the period that one gives).
 func (a *Agent) interval() time.Duration {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	return heartbeatPeriod(a.cfg.Interval, a.mu.learned)
+	p := heartbeatPeriod(a.cfg.Interval, a.mu.learned)
+	if !a.mu.trusted && a.cfg.Interval <= 0 {
+		p = min(p, untrustedPeriod)
+	}
+	return p
 }
 
 func (a *Agent) run(ctx context.Context) {
@@ -177,7 +186,7 @@ func (a *Agent) run(ctx context.Context) {
 			if errors.Is(err, api.ErrNotFound) {
 				registered = false // removed from the map: register again
 			}
-			if err == nil && time.Since(learned) >= relearnEvery {
+			if err == nil && (time.Since(learned) >= relearnEvery || !a.trusted()) {
 				a.learnConfig(ctx)
 				learned = time.Now()
 			}
@@ -196,6 +205,13 @@ func (a *Agent) run(ctx context.Context) {
 			t.Reset(a.interval())
 		}
 	}
+}
+
+// trusted reports whether the config was learned from the leader.
+func (a *Agent) trusted() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.mu.trusted
 }
 
 func (a *Agent) register(ctx context.Context) error {
@@ -226,14 +242,16 @@ func (a *Agent) learnConfig(ctx context.Context) {
 	// A status is the answering node's own map, which a follower that
 	// just restarted holds from before the entries it has yet to apply
 	// (a configure among them): the leader's is the one to learn.
-	if st.State != "Leader" && st.LeaderAPI != "" {
+	trusted := st.State == "Leader"
+	if !trusted && st.LeaderAPI != "" {
 		var ls ClusterStatus
 		if err := a.callAt(ctx, "http://"+st.LeaderAPI, "GET", "/v1/cluster/status", nil, &ls); err == nil && ls.Config.SuspectTimeout > 0 {
-			st = ls
+			st, trusted = ls, ls.State == "Leader"
 		}
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.mu.trusted = trusted
 	if a.mu.learned != st.Config.SuspectTimeout {
 		a.log.Info("control: cluster suspect timeout", "suspect", st.Config.SuspectTimeout,
 			"heartbeat", heartbeatPeriod(a.cfg.Interval, st.Config.SuspectTimeout))
