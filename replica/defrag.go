@@ -38,13 +38,14 @@ const (
 	defragMaxRecord = 1 << 20 // rewrite records are at most this long
 )
 
-// defragAfterRead rewrites the data pieces of es that the read of buf at
-// off returned whole (pieces clipped by the read's edges are left alone:
-// the map holds more than the read saw). It runs with p.gc not held.
+// defragAfterRead rewrites the data pieces of es (as Lookup returned them
+// for the read of buf at off) that the map holds whole: pieces clipped by
+// the read's edges (the map holds more than the read saw) or overwritten
+// since are left alone. It runs with p.gc not held.
 func (p *Partition) defragAfterRead(es []metastore.Extent, buf []byte, off int64) {
 	pieces := make([]metastore.Extent, 0, len(es))
 	for _, e := range es {
-		if e.Kind == metastore.KindData && e.Start >= off && e.End() <= off+int64(len(buf)) {
+		if e.Kind == metastore.KindData && p.m.Holds(e) {
 			pieces = append(pieces, e)
 		}
 	}

@@ -355,11 +355,11 @@ func TestFlushPolicy(t *testing.T) {
 
 // TestDefragOnRead: a large read of a range scattered over many journal
 // records has it rewritten side by side in one journal record before it
-// returns;
+// returns (a read whose edges cut pieces rewrites the whole pieces between);
 // the data stays the same, and a write after that still wins.
 func TestDefragOnRead(t *testing.T) {
 	ctx := context.Background()
-	r := openRig(t, vfs.NewMem())
+	r := openRig(t, vfs.NewMem(), func(o *Options) { o.DefragPieces = 2 })
 	defer func() { r.close() }()
 	var m model
 	// Every other block in its own record, interleaved with writes
@@ -393,7 +393,15 @@ func TestDefragOnRead(t *testing.T) {
 	if n, _ := pieces(); n < 16 {
 		t.Fatalf("setup: only %d separately stored pieces", n)
 	}
-	r.check(&m, "fragmented") // one 256 KiB read: rewrites the range
+	// A read whose edges cut pieces in two rewrites the pieces between.
+	part := make([]byte, (tblocks-1)*tbs)
+	if err := r.p.ReadAt(ctx, part, tbs/2); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := pieces(); n != 3 {
+		t.Fatalf("after a read from mid-block 0 to mid-block %d: %d separately stored pieces, want 3 (the two edge blocks apart)", tblocks-1, n)
+	}
+	r.check(&m, "fragmented") // one read of the whole range: rewrites it
 	if n, cs := pieces(); n != 1 || len(cs) != 1 {
 		t.Fatalf("range not defragmented: %d pieces in %d containers", n, len(cs))
 	}
