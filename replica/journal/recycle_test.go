@@ -251,3 +251,38 @@ func TestTornReusedSegment(t *testing.T) {
 		j.Close()
 	}
 }
+
+// TestCutPastSegmentSize: the newest segment's records may end past
+// SegmentSize (the record that crossed it); a torn tail cut after them, at
+// Open, keeps them all (presize once shrank the file back to SegmentSize,
+// and the reopened journal failed to replay: seen in the crash test with
+// 1 MiB segments).
+func TestCutPastSegmentSize(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{SegmentSize: 64 << 10}
+	j := openT(t, vfs.Default, dir, opts)
+	r := &recycleRig{t: t, fs: vfs.Default, j: j}
+	for j.Segments()[0].Size <= opts.SegmentSize {
+		r.append(1)
+	}
+	if n := len(j.Segments()); n != 1 {
+		t.Fatalf("%d segments, want the first still active", n)
+	}
+	// A process kill: copy what the page cache holds, then tear the tail.
+	killed := t.TempDir()
+	if _, err := vfs.Clone(vfs.Default, vfs.Default, dir, killed); err != nil {
+		t.Fatal(err)
+	}
+	end := j.Segments()[0].Size
+	j.Close()
+	name := vfs.Default.PathJoin(killed, segName(1))
+	b := fileBytes(t, vfs.Default, name)
+	b = append(b[:end], "torn"...)
+	writeFile(t, vfs.Default, name, b)
+	r.j = openT(t, vfs.Default, killed, opts)
+	defer r.j.Close()
+	r.check(r.op, "reopened")
+	if r.j.LastOpNum() != r.op {
+		t.Fatalf("last opnum %d, want %d", r.j.LastOpNum(), r.op)
+	}
+}
