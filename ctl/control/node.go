@@ -665,15 +665,12 @@ func (n *Node) maybeRefresh(ctx context.Context, since, cfgChanged time.Time, la
 			delete(returned, id)
 		}
 	}
-	if len(returned) == 0 || n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
-		return
-	}
-	if !n.mayHandoff(since, cfgChanged, *last) {
+	if len(returned) == 0 {
 		return
 	}
 	now := n.cfg.Now()
-	voters, err := n.Voters()
-	if err != nil {
+	voters, ok := n.handoffVoters(since, cfgChanged, *last)
+	if !ok {
 		return
 	}
 	exclude := []api.NodeID{n.cfg.ID}
@@ -717,15 +714,9 @@ func (n *Node) nextTick(start, since time.Time) time.Duration {
 // mayHandoff (since: when this node began to lead; *last: its last
 // hand-off, set here).
 func (n *Node) maybeHandoff(ctx context.Context, since, cfgChanged time.Time, last *time.Time) {
-	if n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader {
-		return
-	}
-	if !n.mayHandoff(since, cfgChanged, *last) {
-		return
-	}
 	now := n.cfg.Now()
-	voters, err := n.Voters()
-	if err != nil {
+	voters, ok := n.handoffVoters(since, cfgChanged, *last)
+	if !ok {
 		return
 	}
 	var to Voter
@@ -738,6 +729,16 @@ func (n *Node) maybeHandoff(ctx context.Context, since, cfgChanged time.Time, la
 	n.log.Info("control: handing leadership off to the voter holding the fewest primaries",
 		"to", string(to.ID), "primaries_here", mine, "primaries_there", theirs)
 	n.transfer(ctx, to)
+}
+
+// handoffVoters returns the raft voters if this node leads (since set),
+// hand-offs are on and mayHandoff allows one now; ok is false otherwise.
+func (n *Node) handoffVoters(since, cfgChanged, last time.Time) (voters []Voter, ok bool) {
+	if n.cfg.NoHandoff || since.IsZero() || n.raft.State() != raft.Leader || !n.mayHandoff(since, cfgChanged, last) {
+		return nil, false
+	}
+	voters, err := n.Voters()
+	return voters, err == nil
 }
 
 // configSettle is how long after a change of the cluster's config (seen
