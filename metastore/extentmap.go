@@ -108,6 +108,17 @@ func (m *Map) Len() int {
 	return m.mu.tree.Len()
 }
 
+// End is the end of the last extent (0 for an empty map).
+func (m *Map) End() int64 {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	e, ok := m.mu.tree.Max()
+	if !ok {
+		return 0
+	}
+	return e.End()
+}
+
 // Lookup appends to dst every extent overlapping [start, start+n), in
 // order, clipped to the range, as one consistent view, and returns dst.
 func (m *Map) Lookup(dst []Extent, start, n int64) []Extent {

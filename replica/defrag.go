@@ -1,9 +1,11 @@
 package replica
 
 import (
+	"context"
 	"fmt"
 	"time"
 
+	"stor.dev/stor/erasure"
 	"stor.dev/stor/metastore"
 	"stor.dev/stor/replica/journal"
 	"stor.dev/stor/target"
@@ -104,4 +106,117 @@ func (p *Partition) rewrite(pieces []metastore.Extent, buf []byte, off int64) (b
 	}
 	p.lastOpTime.Store(time.Now().UnixNano())
 	return true, nil
+}
+
+// Defragmentation when idle (Options.DefragIdle).
+//
+// The rewrite on read above pays its cost in the reader's time. Flush does
+// the same work off the I/O path instead: once the partition has seen no
+// write for Options.DefragIdle, it walks the map in defragWindow windows,
+// from where the previous pass stopped, and moves the data of every window
+// that a read would need at least defragMinPieces read calls for into new
+// shards, in LBA order. The pieces of such a window then lie side by side
+// in one shard (two, at a shard's end) and a read of it is one or two
+// calls.
+//
+// Rules: a move is a shardBuilder relocation like every flush move (a
+// change of where bytes live, made only where the map still holds the
+// piece unchanged, so a write that lands meanwhile wins); only pieces the
+// map holds whole are moved (a piece crossing the window's edge stays);
+// the bytes are read from the piece's container under p.gc, which no
+// reclaim changes while the map points into it. A pass stops after
+// defragPassTime or at the first write, and the next Flush goes on from
+// there; a sweep of the whole map that saw no write is not repeated until
+// a write comes.
+
+const (
+	defragWindow    = 1 << 20
+	defragMinPieces = 16
+	defragPassTime  = time.Second
+)
+
+// defragState is where the idle defragmentation stands.
+type defragState struct {
+	at        int64 // start of the next window
+	sweepFrom int64 // lastWrite when the sweep in progress started
+	swept     int64 // sweepFrom of the newest sweep that saw no write
+}
+
+// readCalls is the number of read calls ReadAt makes for es (Lookup's
+// extents of one range): one per run of data pieces adjacent both in the
+// partition and in one container.
+func readCalls(es []metastore.Extent) int {
+	n := 0
+	for i, e := range es {
+		if e.Kind != metastore.KindData {
+			continue
+		}
+		if i > 0 {
+			q := es[i-1]
+			if q.Kind == metastore.KindData && q.End() == e.Start && q.Where == e.Where &&
+				q.Container == e.Container && q.COff+q.Len == e.COff {
+				continue
+			}
+		}
+		n++
+	}
+	return n
+}
+
+// defragIdle runs one pass of idle defragmentation (see above); b's shards
+// are finished before it returns.
+func (p *Partition) defragIdle(ctx context.Context, b *shardBuilder) error {
+	w := p.lastWrite.Load()
+	d := &p.defrag
+	if p.opts.DefragIdle < 0 || time.Since(time.Unix(0, w)) < p.opts.DefragIdle || d.swept == w {
+		return nil
+	}
+	start := time.Now()
+	end := p.m.End()
+	var (
+		es  []metastore.Extent
+		buf []byte
+	)
+	for p.lastWrite.Load() == w && time.Since(start) < defragPassTime {
+		if d.at == 0 {
+			d.sweepFrom = w
+		}
+		if d.at >= end {
+			d.at = 0
+			if d.sweepFrom == w {
+				d.swept = w
+				break
+			}
+			continue
+		}
+		es = p.m.Lookup(es[:0], d.at, defragWindow)
+		d.at += defragWindow
+		if readCalls(es) < defragMinPieces {
+			continue
+		}
+		if buf == nil {
+			buf = make([]byte, defragWindow)
+		}
+		for _, e := range es {
+			if e.Kind != metastore.KindData || !p.m.Holds(e) {
+				continue
+			}
+			data := buf[:e.Len] // held whole: within the window
+			p.gc.RLock()
+			var err error
+			if e.Where == metastore.InJournal {
+				err = p.j.ReadAt(data, journal.Pos{Seg: e.Container, Off: e.COff})
+			} else {
+				err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
+			}
+			p.gc.RUnlock()
+			if err == nil {
+				err = b.add(ctx, e, data)
+			}
+			if err != nil {
+				return mapErr(fmt.Errorf("replica: partition %016x defragment [%d,+%d): %w", p.pkey, e.Start, e.Len, err))
+			}
+		}
+	}
+	return b.finish(ctx)
 }

@@ -45,6 +45,11 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 	if err := p.Persist(); err != nil {
 		return res, mapErr(err)
 	}
+	// An idle partition's fragmented ranges move into shards in LBA order
+	// first (defrag.go), so the moves below do not copy them again.
+	if err := p.defragIdle(ctx, &shardBuilder{p: p, res: &res}); err != nil {
+		return res, err
+	}
 	segs := p.j.Segments()
 	all := force || time.Since(time.Unix(0, p.lastOpTime.Load())) >= p.opts.IdleFlush
 	if all {

@@ -226,10 +226,11 @@ func TestPartitionPowerLoss(t *testing.T) {
 }
 
 // TestPartitionConcurrent: writers on disjoint blocks, readers, and a
-// flusher running at once (-race); every block ends as its last write.
+// flusher running at once (-race), with idle defragmentation on at every
+// gap between writes; every block ends as its last write.
 func TestPartitionConcurrent(t *testing.T) {
 	fs := vfs.NewMem()
-	r := openRig(t, fs)
+	r := openRig(t, fs, func(o *Options) { o.DefragIdle = time.Nanosecond })
 	ctx := context.Background()
 	const writers = 4
 	done := make(chan struct{})
@@ -411,6 +412,76 @@ func TestDefragOnRead(t *testing.T) {
 	}
 	m[5] = 0x11
 	r.check(&m, "overwritten after defrag")
+	r.close()
+	r = openRig(t, r.fs)
+	r.check(&m, "reopened")
+}
+
+// TestDefragIdle: once the partition has seen no write for DefragIdle, Flush
+// moves a range scattered over journal records and shards into one shard in
+// LBA order, read in one call; a sweep that found everything in place is
+// not repeated, and a write after it starts another.
+func TestDefragIdle(t *testing.T) {
+	ctx := context.Background()
+	r := openRig(t, vfs.NewMem(), func(o *Options) {
+		o.DefragPieces = 0
+		o.DefragIdle = time.Hour
+		o.IdleFlush = time.Hour
+		o.JournalBudget = 64 << 20
+	})
+	defer func() { r.close() }()
+	var m model
+	write := func(b int, fill byte) {
+		t.Helper()
+		if err := r.p.Write(ctx, bytes.Repeat([]byte{fill}, tbs), int64(b*tbs), false); err != nil {
+			t.Fatal(err)
+		}
+		m[b] = fill
+	}
+	// Blocks written in a scattered order, half of them moved to a shard
+	// in that order, the other half overwritten in the journal.
+	order := rand.New(rand.NewSource(1)).Perm(tblocks)
+	for i, b := range order {
+		write(b, byte(1+i))
+	}
+	if _, err := r.p.Flush(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	for i, b := range order[:tblocks/2] {
+		write(b, byte(101+i))
+	}
+	calls := func() int { return readCalls(r.p.m.Lookup(nil, 0, tblocks*tbs)) }
+	if n := calls(); n < tblocks/2 {
+		t.Fatalf("setup: a read of the range needs %d calls", n)
+	}
+	if res, err := r.p.Flush(ctx, false); err != nil || res.Moved != 0 {
+		t.Fatalf("not idle yet: flush = %+v, %v; want nothing moved", res, err)
+	}
+	r.p.opts.DefragIdle = time.Nanosecond
+	res, err := r.p.Flush(ctx, false)
+	if err != nil || res.Moved != tblocks*tbs || res.Shards != 1 {
+		t.Fatalf("idle: flush = %+v, %v; want the range moved into one shard", res, err)
+	}
+	if n := calls(); n != 1 {
+		t.Fatalf("after defragmentation a read of the range needs %d calls, want 1", n)
+	}
+	r.check(&m, "defragmented")
+	if res, err := r.p.Flush(ctx, false); err != nil || res.Moved != 0 || r.p.defrag.swept != r.p.lastWrite.Load() {
+		t.Fatalf("swept: flush = %+v, %v (swept %d, last write %d); want nothing moved", res, err, r.p.defrag.swept, r.p.lastWrite.Load())
+	}
+	// Scatter it again: a write starts a new sweep.
+	for i, b := range order {
+		if i%3 == 0 {
+			write(b, byte(200+i%50))
+		}
+	}
+	if res, err := r.p.Flush(ctx, false); err != nil || res.Moved != tblocks*tbs {
+		t.Fatalf("after writes: flush = %+v, %v; want the range moved again", res, err)
+	}
+	if n := calls(); n != 1 {
+		t.Fatalf("after the second defragmentation: %d calls, want 1", n)
+	}
+	r.check(&m, "defragmented again")
 	r.close()
 	r = openRig(t, r.fs)
 	r.check(&m, "reopened")

@@ -1193,7 +1193,9 @@ func (r *Replica) apply(ents []wire.Entry) error {
 		r.applied = e.OpNum
 		r.sinceKick++
 	}
-	p.lastOpTime.Store(time.Now().UnixNano())
+	now := time.Now().UnixNano()
+	p.lastOpTime.Store(now)
+	p.lastWrite.Store(now)
 	return nil
 }
 
