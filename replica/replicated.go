@@ -324,6 +324,7 @@ type Replica struct {
 	snapLog    time.Time            // last time a dropped snapshot was logged
 	loopLog    time.Time            // last time a Ready loop was logged
 	scratch    []byte               // note aux
+	recs       []*journal.Record    // notes being written
 	senders    map[api.NodeID]*snapSender
 	staged     *staged // a snapshot being received
 	installing *staged // a received one, stepped into the Core, until its Ready installs it
@@ -1065,8 +1066,8 @@ func (r *Replica) ready() error {
 			return err
 		}
 	}
-	for i := range rd.Entries {
-		if err := r.note(&rd.Entries[i]); err != nil {
+	if len(rd.Entries) > 0 {
+		if err := r.note(rd.Entries); err != nil {
 			return err
 		}
 	}
@@ -1127,40 +1128,57 @@ func (r *Replica) truncate(t api.OpNum) error {
 	return nil
 }
 
-// note appends entry e to the journal as a note.
-func (r *Replica) note(e *wire.Entry) error {
-	if want := r.base + api.OpNum(len(r.pos)); e.OpNum != want {
-		panic(fmt.Sprintf("replica: %s noting opnum %d, journal ends before %d", r.cfg.Core.ID, e.OpNum, want))
+// note appends entries ents, in order, to the journal as notes (records
+// that follow each other in a segment in one write call).
+func (r *Replica) note(ents []wire.Entry) error {
+	const auxLen = 10 // appendNoteAux
+	if cap(r.scratch) < auxLen*len(ents) {
+		r.scratch = make([]byte, 0, auxLen*len(ents))
 	}
-	jk, ok := journalKind(e.Kind)
-	if !ok {
-		return fmt.Errorf("op %d: entry of kind %v", e.OpNum, e.Kind)
-	}
-	r.scratch = appendNoteAux(r.scratch[:0], e.Kind, e.ReqID)
-	rec := journal.Record{Kind: jk, Epoch: uint64(e.Epoch), OpNum: uint64(e.OpNum), Off: e.Off, Len: e.Len, Aux: r.scratch}
-	if jk == journal.KindWrite {
-		data, ok := r.stash[noteKey{e.Epoch, e.OpNum}]
+	aux := r.scratch[:0]
+	recs := r.recs[:0]
+	for i := range ents {
+		e := &ents[i]
+		if want := r.base + api.OpNum(len(r.pos)+i); e.OpNum != want {
+			panic(fmt.Sprintf("replica: %s noting opnum %d, journal ends before %d", r.cfg.Core.ID, e.OpNum, want))
+		}
+		jk, ok := journalKind(e.Kind)
 		if !ok {
-			data, ok = r.pending[e.ReqID]
+			return fmt.Errorf("op %d: entry of kind %v", e.OpNum, e.Kind)
 		}
-		if !ok && e.Len > 0 {
-			panic(fmt.Sprintf("replica: %s has no data for write op %d (epoch %d, request %d)", r.cfg.Core.ID, e.OpNum, e.Epoch, e.ReqID))
+		at := len(aux)
+		aux = appendNoteAux(aux, e.Kind, e.ReqID) // within cap: earlier records' aux stays put
+		rec := &journal.Record{Kind: jk, Epoch: uint64(e.Epoch), OpNum: uint64(e.OpNum), Off: e.Off, Len: e.Len, Aux: aux[at:len(aux):len(aux)]}
+		if jk == journal.KindWrite {
+			data, ok := r.stash[noteKey{e.Epoch, e.OpNum}]
+			if !ok {
+				data, ok = r.pending[e.ReqID]
+			}
+			if !ok && e.Len > 0 {
+				panic(fmt.Sprintf("replica: %s has no data for write op %d (epoch %d, request %d)", r.cfg.Core.ID, e.OpNum, e.Epoch, e.ReqID))
+			}
+			if int64(len(data)) != e.Len {
+				return fmt.Errorf("op %d: write of %d bytes carries %d", e.OpNum, e.Len, len(data))
+			}
+			rec.Data = data
+			r.fresh[e.OpNum] = data
+			delete(r.pending, e.ReqID)
 		}
-		if int64(len(data)) != e.Len {
-			return fmt.Errorf("op %d: write of %d bytes carries %d", e.OpNum, e.Len, len(data))
-		}
-		rec.Data = data
-		r.fresh[e.OpNum] = data
-		delete(r.pending, e.ReqID)
+		recs = append(recs, rec)
 	}
-	pos, err := r.p.j.Append(&rec)
+	r.recs = recs
+	n := len(r.pos)
+	var err error
+	r.pos, err = r.p.j.AppendBatch(recs, r.pos)
+	clear(recs)
+	if len(r.pos) > n {
+		r.p.seq.Lock()
+		r.p.seq.next = uint64(ents[len(r.pos)-n-1].OpNum) + 1
+		r.p.seq.Unlock()
+	}
 	if err != nil {
-		return fmt.Errorf("journal append op %d: %w", e.OpNum, err)
+		return fmt.Errorf("journal append op %d: %w", ents[len(r.pos)-n].OpNum, err)
 	}
-	r.pos = append(r.pos, pos)
-	r.p.seq.Lock()
-	r.p.seq.next = uint64(e.OpNum) + 1
-	r.p.seq.Unlock()
 	return nil
 }
 

@@ -829,15 +829,103 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if j.mu.closed {
-		return Pos{}, ErrClosed
-	}
-	if err := j.failed(); err != nil {
+	if err := j.appendableLocked(r); err != nil {
 		return Pos{}, err
 	}
-	if r.OpNum <= j.mu.last {
-		return Pos{}, fmt.Errorf("%w: opnum %d after %d", ErrOpNum, r.OpNum, j.mu.last)
+	return j.appendLocked(r)
+}
+
+// AppendBatch appends rs in order, as Append would one at a time, and
+// returns their positions appended to pos. Records that follow each other
+// in one segment go out in one write call, up to keepBufSize bytes a call.
+// On an error, the records before the one that failed are appended (pos
+// has theirs) and none after; the error is Append's.
+func (j *Journal) AppendBatch(rs []*Record, pos []Pos) ([]Pos, error) {
+	for _, r := range rs {
+		if err := checkRecord(r); err != nil {
+			return pos, err
+		}
 	}
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	for i := 0; i < len(rs); {
+		r := rs[i]
+		if err := j.appendableLocked(r); err != nil {
+			return pos, err
+		}
+		s := j.mu.active
+		if off := s.size.Load(); off > 0 && off >= j.segSize {
+			if _, err := j.rotateLocked(); err != nil {
+				return pos, err
+			}
+			s = j.mu.active
+		}
+		// The run rs[i:k]: records that start inside this segment, in
+		// opnum order, whose bytes fit one buffer.
+		off := s.size.Load()
+		end, k := off, i
+		for k < len(rs) && (k == i || end < j.segSize && rs[k].OpNum > rs[k-1].OpNum) {
+			n := int64(HeaderSize + len(rs[k].Data) + len(rs[k].Aux))
+			if end+n-off > keepBufSize {
+				break
+			}
+			end += n
+			k++
+		}
+		if k <= i+1 {
+			p, err := j.appendLocked(r)
+			if err != nil {
+				return pos, err
+			}
+			pos = append(pos, p)
+			i++
+			continue
+		}
+		b := j.mu.buf
+		if int64(cap(b)) < end-off {
+			b = make([]byte, end-off)
+			j.mu.buf = b
+		}
+		b = b[:end-off]
+		at := int64(0)
+		for _, r := range rs[i:k] {
+			encodeRecord(b[at:], r, segTag(s.id))
+			at += int64(HeaderSize + len(r.Data) + len(r.Aux))
+		}
+		if _, err := s.f.WriteAt(b, off); err != nil {
+			return pos, j.failedWriteLocked(s, off, err)
+		}
+		if invariants {
+			j.checkAppendLocked(s, end)
+		}
+		at = off
+		for _, r := range rs[i:k] {
+			pos = append(pos, j.appendedLocked(s, r, at))
+			at += int64(HeaderSize + len(r.Data) + len(r.Aux))
+		}
+		i = k
+	}
+	return pos, nil
+}
+
+// appendableLocked checks that r may be the journal's next record.
+// REQUIRES: j.mu
+func (j *Journal) appendableLocked(r *Record) error {
+	if j.mu.closed {
+		return ErrClosed
+	}
+	if err := j.failed(); err != nil {
+		return err
+	}
+	if r.OpNum <= j.mu.last {
+		return fmt.Errorf("%w: opnum %d after %d", ErrOpNum, r.OpNum, j.mu.last)
+	}
+	return nil
+}
+
+// appendLocked writes r, checked, as the next record.
+// REQUIRES: j.mu
+func (j *Journal) appendLocked(r *Record) (Pos, error) {
 	s := j.mu.active
 	if off := s.size.Load(); off > 0 && off >= j.segSize {
 		if _, err := j.rotateLocked(); err != nil {
@@ -869,27 +957,40 @@ func (j *Journal) Append(r *Record) (Pos, error) {
 			}
 		}
 	}
-	if err := werr; err != nil {
-		// Out of space, say. Cut whatever part of the record landed, so that
-		// the next Append follows valid data; if that fails, give up.
-		err = fmt.Errorf("journal: write %s at %d: %w", s.path, off, err)
-		if t, ok := s.f.(truncater); !ok || t.Truncate(off) != nil {
-			err = j.poison(fmt.Errorf("%w: %w", ErrFailed, err))
-		}
-		return Pos{}, err
+	if werr != nil {
+		return Pos{}, j.failedWriteLocked(s, off, werr)
 	}
 	if invariants {
 		j.checkAppendLocked(s, off+int64(n))
 	}
+	return j.appendedLocked(s, r, off), nil
+}
+
+// failedWriteLocked handles a failed write of records at off of s: out of
+// space, say. It cuts whatever part landed, so that the next Append
+// follows valid data; if that fails, it gives up (ErrFailed).
+// REQUIRES: j.mu
+func (j *Journal) failedWriteLocked(s *segment, off int64, werr error) error {
+	err := fmt.Errorf("journal: write %s at %d: %w", s.path, off, werr)
+	if t, ok := s.f.(truncater); !ok || t.Truncate(off) != nil {
+		err = j.poison(fmt.Errorf("%w: %w", ErrFailed, err))
+	}
+	return err
+}
+
+// appendedLocked records that r was written at off of s, the active
+// segment, and returns the position of its data.
+// REQUIRES: j.mu
+func (j *Journal) appendedLocked(s *segment, r *Record, off int64) Pos {
 	if s.records == 0 {
 		s.firstOp = r.OpNum
 	}
 	s.lastOp = r.OpNum
 	s.records++
-	s.size.Store(off + int64(n))
+	s.size.Store(off + int64(HeaderSize+len(r.Data)+len(r.Aux)))
 	j.mu.last = r.OpNum
 	j.last.Store(r.OpNum)
-	return Pos{Seg: s.id, Off: off + HeaderSize}, nil
+	return Pos{Seg: s.id, Off: off + HeaderSize}
 }
 
 // checkAppendLocked panics unless the file holds the record it just wrote

@@ -773,3 +773,72 @@ func TestPresizedSegments(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestAppendBatch: AppendBatch writes the same records at the same
+// positions as Append one at a time (compared with a twin journal), across
+// segment rotations and with records larger than one write buffer, and
+// stops at a record Append would refuse, keeping the ones before it.
+func TestAppendBatch(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	opts := Options{SegmentSize: 256 << 10}
+	fsA, fsB := vfs.NewMem(), vfs.NewMem()
+	a, b := openT(t, fsA, "j", opts), openT(t, fsB, "j", opts)
+	var want []Record
+	var posA, posB []Pos
+	op := uint64(0)
+	for round := 0; round < 60; round++ {
+		var batch []*Record
+		for n := rng.IntN(12); n >= 0; n-- {
+			op += 1 + uint64(rng.IntN(2))
+			max := 9000
+			if rng.IntN(40) == 0 {
+				max = keepBufSize + 300<<10 // past one write buffer
+			}
+			batch = append(batch, randRecord(rng, op, max))
+		}
+		for _, r := range batch {
+			p, err := a.Append(r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			posA = append(posA, p)
+			want = append(want, cloneRecord(r))
+		}
+		var err error
+		if posB, err = b.AppendBatch(batch, posB); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range posA {
+		if posA[i] != posB[i] {
+			t.Fatalf("record %d (op %d): AppendBatch pos %v, Append pos %v", i, want[i].OpNum, posB[i], posA[i])
+		}
+	}
+	got, _ := replayAll(t, b, 0)
+	checkRecords(t, got, want)
+	if sa, sb := a.Segments(), b.Segments(); len(sa) < 3 || len(sa) != len(sb) {
+		t.Fatalf("segments: %d one at a time, %d batched; want the same, at least 3", len(sa), len(sb))
+	}
+	// A record out of order stops the batch: the ones before it land.
+	bad := []*Record{
+		{Kind: KindMeta, OpNum: op + 1, Aux: []byte("a")},
+		{Kind: KindMeta, OpNum: op + 2, Aux: []byte("b")},
+		{Kind: KindMeta, OpNum: op + 2, Aux: []byte("c")},
+		{Kind: KindMeta, OpNum: op + 3, Aux: []byte("d")},
+	}
+	n := len(posB)
+	posB, err := b.AppendBatch(bad, posB)
+	if !errors.Is(err, ErrOpNum) || len(posB) != n+2 || b.LastOpNum() != op+2 {
+		t.Fatalf("batch with a repeated opnum: %v, %d positions, last op %d; want ErrOpNum, 2, %d", err, len(posB)-n, b.LastOpNum(), op+2)
+	}
+	for _, j := range []*Journal{a, b} {
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b = openT(t, fsB, "j", opts)
+	defer b.Close()
+	got, _ = replayAll(t, b, 0)
+	want = append(want, *bad[0], *bad[1])
+	checkRecords(t, got, want)
+}

@@ -279,8 +279,21 @@ func Append(buf []byte, m *Msg) []byte {
 	return buf
 }
 
-// Encode returns m as one frame.
-func Encode(m *Msg) []byte { return Append(nil, m) }
+// Encode returns m as one frame, in a buffer allocated once.
+func Encode(m *Msg) []byte { return Append(make([]byte, 0, maxSize(m)), m) }
+
+// maxSize bounds the frame Append makes of m: every varint at its longest.
+func maxSize(m *Msg) int {
+	const v = binary.MaxVarintLen64
+	n := HeaderSize + 2*v + len(m.From) + len(m.To) + 7*v + v + len(m.Data) + v + v
+	for _, p := range m.Peers {
+		n += v + len(p)
+	}
+	for i := range m.Entries {
+		n += 6*v + 1 + len(m.Entries[i].Data)
+	}
+	return n
+}
 
 func appendString(b []byte, s string) []byte {
 	b = binary.AppendUvarint(b, uint64(len(s)))

@@ -63,6 +63,9 @@ func TestRoundTrip(t *testing.T) {
 		if err != nil || n != len(f)-HeaderSize {
 			t.Fatalf("BodyLen = %d, %v; want %d", n, err, len(f)-HeaderSize)
 		}
+		if len(f) > maxSize(m) {
+			t.Fatalf("frame of %d bytes past maxSize %d: Encode grew its buffer", len(f), maxSize(m))
+		}
 	}
 }
 
