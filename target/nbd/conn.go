@@ -37,6 +37,9 @@ const (
 	// maxMapLen bounds the range one BLOCK_STATUS asks the device about;
 	// the spec lets the server answer a prefix.
 	maxMapLen = 1 << 30
+	// largeRead is the READ length from which Config.InlineLargeReadsBelow
+	// applies instead of Config.InlineBelow.
+	largeRead = 256 << 10
 	// aloneFactor scales Config.InlineBelow for a request that is alone
 	// on its connection (see fast).
 	aloneFactor = 25
@@ -75,8 +78,9 @@ type conn struct {
 	}
 
 	// lat holds the recent latency (ns, moving average) of READs and
-	// WRITEs, which decides whether they run inline on the reader.
-	lat [2]atomic.Int64
+	// WRITEs, and of large READs per MiB (latKind), which decides whether
+	// they run inline on the reader.
+	lat [3]atomic.Int64
 
 	free    chan *slot   // idle slots; a slot is a request buffer plus a worker's turn
 	work    chan *slot   // read requests waiting for a worker
@@ -277,27 +281,38 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 }
 
 // latKind is the index in c.lat of requests whose latency is tracked, or
-// -1: plain READs and WRITEs up to 1 MiB. FUA writes (durable, so slow on
-// real storage) and large transfers are neither tracked nor run inline.
+// -1: plain READs and WRITEs up to 1 MiB, READs of largeRead bytes or more
+// apart (latLargeRead, per MiB). FUA writes (durable, so slow on real
+// storage) and larger transfers are neither tracked nor run inline.
 func latKind(r *request) int {
 	if r.Flags&cmdFlagFUA != 0 || r.Length > bigRequest {
 		return -1
 	}
-	switch r.Type {
-	case cmdRead:
+	switch {
+	case r.Type == cmdRead && r.Length >= largeRead:
+		return latLargeRead
+	case r.Type == cmdRead:
 		return 0
-	case cmdWrite:
+	case r.Type == cmdWrite:
 		return 1
 	}
 	return -1
 }
 
+const latLargeRead = 2
+
 // fast reports whether r should run on the reader: recent requests of its
 // kind took less than Config.InlineBelow, or, when r is alone (no other
 // request received and none on the workers: queue depth 1), less than
-// aloneFactor times that, since there is nothing to overlap it with.
+// aloneFactor times that, since there is nothing to overlap it with; for a
+// large READ, recent ones took less than Config.InlineLargeReadsBelow per
+// MiB.
 func (c *conn) fast(r *request, alone bool) bool {
 	k := latKind(r)
+	if k == latLargeRead {
+		lim := c.s.cfg.InlineLargeReadsBelow
+		return lim > 0 && time.Duration(c.lat[k].Load()) < lim
+	}
 	lim := c.s.cfg.InlineBelow
 	if alone {
 		lim *= aloneFactor
@@ -316,8 +331,12 @@ func (c *conn) run(sl *slot) {
 	if k >= 0 {
 		// An exponentially weighted moving average, weight 1/8. Racing
 		// updates may lose a sample; it is a hint.
+		d := int64(time.Since(start))
+		if k == latLargeRead {
+			d = d * (1 << 20) / int64(sl.req.Length)
+		}
 		old := c.lat[k].Load()
-		c.lat[k].Store(old + (int64(time.Since(start))-old)/8)
+		c.lat[k].Store(old + (d-old)/8)
 	}
 	if cap(sl.buf) > keepBuf {
 		sl.buf = nil

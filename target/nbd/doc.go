@@ -26,7 +26,10 @@
 // request alone on its connection (queue depth 1: nothing else received,
 // nothing on the workers) runs inline under a 25 times higher bound, as
 // there is nothing to overlap it with. A slow device never runs inline, so
-// its requests keep overlapping.
+// its requests keep overlapping. READs of 256 KiB up to 1 MiB have their own
+// average, per MiB, and bound (Config.InlineLargeReadsBelow, on where
+// GOMAXPROCS is 2 or less): served from memory they are CPU work, and
+// without spare CPUs serial beats parallel there too.
 //
 // Workers execute requests concurrently and write replies out of order
 // under a write mutex, each reply whole in one write call: a read reply's

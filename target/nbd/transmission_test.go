@@ -716,3 +716,61 @@ func TestInlineFollowsLatency(t *testing.T) {
 		t.Errorf("a lone read at a %v average not inline (bound %v)", lat, aloneFactor*time.Millisecond)
 	}
 }
+
+// TestInlineLargeReads: READs of largeRead bytes or more have their own
+// average, per MiB, against Config.InlineLargeReadsBelow: they move onto the
+// reader once the device serves them at memory speed and back when it
+// stalls; small reads' average is not theirs; negative disables.
+func TestInlineLargeReads(t *testing.T) {
+	geo := target.Geometry{Size: 1 << 20, BlockSize: 512}
+	faulty := blockdevtest.NewFaulty(blockdevtest.NewMemory(geo))
+	cat := newDevCatalog()
+	cat.add("v", faulty)
+	ts := startServer(t, cat, Config{InlineBelow: -1, InlineLargeReadsBelow: 50 * time.Millisecond})
+	c := connect(t, ts.addr, "v", false)
+	var conn *conn
+	ts.mu.Lock()
+	for k := range ts.mu.conns {
+		conn = k
+	}
+	ts.mu.Unlock()
+	large, small := &request{Type: cmdRead, Length: largeRead}, &request{Type: cmdRead, Length: 4096}
+	if conn.fast(large, false) {
+		t.Fatal("a new connection runs large reads inline before measuring")
+	}
+	for i := range 100 {
+		c.readBack(false, uint64(i), 0, largeRead)
+	}
+	if !conn.fast(large, false) || conn.fast(small, false) {
+		t.Fatalf("large reads at %v per MiB: inline %v (want true), small reads inline %v (want false: InlineBelow < 0)",
+			time.Duration(conn.lat[latLargeRead].Load()), conn.fast(large, false), conn.fast(small, false))
+	}
+	// A stall of 200 ms on a 256 KiB read is 800 ms per MiB: past the bound.
+	release := faulty.Stall()
+	entered := faulty.Entered()
+	c.request(0, cmdRead, 1000, 0, largeRead, nil)
+	eventually(t, 10*time.Second, "stalled read reached the device", func() bool { return faulty.Entered() == entered+1 })
+	time.Sleep(200 * time.Millisecond)
+	release()
+	if e, cookie := c.simpleReply(); e != 0 || cookie != 1000 {
+		t.Fatalf("stalled read: errno %d cookie %d", e, cookie)
+	}
+	c.read(largeRead)
+	c.readBack(false, 1001, 0, 512) // the reader has recorded the sample
+	if conn.fast(large, false) {
+		t.Errorf("large reads still inline after a %v per MiB average", time.Duration(conn.lat[latLargeRead].Load()))
+	}
+
+	off := startServer(t, cat, Config{InlineLargeReadsBelow: -1})
+	c2 := connect(t, off.addr, "v", false)
+	for i := range 50 {
+		c2.readBack(false, uint64(i), 0, largeRead)
+	}
+	off.mu.Lock()
+	for k := range off.mu.conns {
+		if k.fast(large, false) {
+			t.Error("large reads inline with InlineLargeReadsBelow < 0")
+		}
+	}
+	off.mu.Unlock()
+}
