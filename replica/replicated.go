@@ -1187,6 +1187,7 @@ func (r *Replica) apply(ents []wire.Entry) error {
 	p := r.p
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	wrote := false
 	for i := range ents {
 		e := &ents[i]
 		if e.OpNum != r.applied+1 || e.OpNum < r.base {
@@ -1195,6 +1196,7 @@ func (r *Replica) apply(ents []wire.Entry) error {
 		var err error
 		switch e.Kind {
 		case wire.KindWrite, wire.KindZero, wire.KindTrim:
+			wrote = true
 			jk, _ := journalKind(e.Kind)
 			rec := journal.Record{Kind: jk, OpNum: uint64(e.OpNum), Off: e.Off, Len: e.Len}
 			err = p.applyLocked(&rec, r.pos[e.OpNum-r.base])
@@ -1213,7 +1215,9 @@ func (r *Replica) apply(ents []wire.Entry) error {
 	}
 	now := time.Now().UnixNano()
 	p.lastOpTime.Store(now)
-	p.lastWrite.Store(now)
+	if wrote { // reads go through the log too; they leave the idle defragmentation be
+		p.lastWrite.Store(now)
+	}
 	return nil
 }
 

@@ -858,3 +858,48 @@ func TestFileHardStore(t *testing.T) {
 		t.Fatalf("damaged file: %v, want errBadHard", err)
 	}
 }
+
+// TestReplicaDefragIdle: the idle defragmentation runs on a replicated
+// partition (its moves go straight into the map, as Background's do), reads
+// through the log do not count as writes that keep it from running, and
+// the data stays the same on every replica.
+func TestReplicaDefragIdle(t *testing.T) {
+	c := newRCluster(t, 2, false)
+	defer c.close()
+	c.promote("n1")
+	r := c.rep("n1")
+	ctx := context.Background()
+	var m rmodel
+	for i, b := range rand.New(rand.NewSource(2)).Perm(rblocks) {
+		writeBlocks(t, r, &m, b, 1, byte(1+i))
+	}
+	p := c.node("n1").p.Load()
+	calls := func() int { return readCalls(p.m.Lookup(nil, 0, rblocks*rbs)) }
+	if n := calls(); n < defragMinPieces {
+		t.Fatalf("setup: a read of the range needs %d calls", n)
+	}
+	w := p.lastWrite.Load()
+	buf := make([]byte, rblocks*rbs)
+	if err := r.ReadAt(ctx, buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	checkBlocks(t, "read", buf, &m)
+	if p.lastWrite.Load() != w {
+		t.Fatal("a read through the log counted as a write")
+	}
+	p.opts.DefragIdle = time.Nanosecond
+	if _, err := r.Background(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if n := calls(); n != 1 {
+		t.Fatalf("after defragmentation a read of the range needs %d calls, want 1", n)
+	}
+	c.checkPartition("n1", &m)
+	writeBlocks(t, r, &m, 3, 1, 0xee)
+	if p.lastWrite.Load() == w {
+		t.Fatal("a write did not count")
+	}
+	c.quiesce("n1", "n2")
+	c.checkPartition("n1", &m)
+	c.checkPartition("n2", &m)
+}
