@@ -68,6 +68,15 @@ const (
 // model is a per-block oracle: each block holds a fill byte (0 = zeros).
 type model [tblocks]byte
 
+// write fills block b with fill, in the partition and in m.
+func (r *rig) write(m *model, b int, fill byte) {
+	r.t.Helper()
+	if err := r.p.Write(context.Background(), bytes.Repeat([]byte{fill}, tbs), int64(b*tbs), false); err != nil {
+		r.t.Fatal(err)
+	}
+	m[b] = fill
+}
+
 func (r *rig) check(m *model, what string) {
 	r.t.Helper()
 	buf := make([]byte, tblocks*tbs)
@@ -310,13 +319,7 @@ func TestFlushPolicy(t *testing.T) {
 	})
 	defer r.close()
 	var m model
-	write := func(b int, fill byte) {
-		t.Helper()
-		if err := r.p.Write(ctx, bytes.Repeat([]byte{fill}, tbs), int64(b*tbs), false); err != nil {
-			t.Fatal(err)
-		}
-		m[b] = fill
-	}
+	write := func(b int, fill byte) { r.write(&m, b, fill) }
 	for b := 0; b < tblocks; b++ { // 256 KiB of data: within budget
 		write(b, 1)
 	}
@@ -431,13 +434,7 @@ func TestDefragIdle(t *testing.T) {
 	})
 	defer func() { r.close() }()
 	var m model
-	write := func(b int, fill byte) {
-		t.Helper()
-		if err := r.p.Write(ctx, bytes.Repeat([]byte{fill}, tbs), int64(b*tbs), false); err != nil {
-			t.Fatal(err)
-		}
-		m[b] = fill
-	}
+	write := func(b int, fill byte) { r.write(&m, b, fill) }
 	// Blocks written in a scattered order, half of them moved to a shard
 	// in that order, the other half overwritten in the journal.
 	order := rand.New(rand.NewSource(1)).Perm(tblocks)

@@ -453,12 +453,7 @@ func TestTermination_ShutdownErrorsFurtherOptions(t *testing.T) {
 	c.expectReply(optList, repServer)
 	c.expectReply(optList, repAck)
 	eventually(t, 10*time.Second, "one connection", func() bool { return ts.Connections() == 1 })
-	var conn *conn
-	ts.mu.Lock()
-	for k := range ts.mu.conns {
-		conn = k
-	}
-	ts.mu.Unlock()
+	conn := ts.onlyConn(t)
 	// Mark it closing as Close would, but leave its read deadline alone so
 	// the next option is read.
 	conn.mu.Lock()

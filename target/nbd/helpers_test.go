@@ -45,6 +45,20 @@ func startServer(t testing.TB, cat target.Catalog, cfg Config) *testServer {
 	return ts
 }
 
+// onlyConn returns the server's one connection (the test made exactly one).
+func (ts *testServer) onlyConn(t testing.TB) *conn {
+	t.Helper()
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if len(ts.mu.conns) != 1 {
+		t.Fatalf("%d connections, want 1", len(ts.mu.conns))
+	}
+	for c := range ts.mu.conns {
+		return c
+	}
+	return nil
+}
+
 // memCatalog returns a catalog holding one Memory device called name.
 func memCatalog(name string, geo target.Geometry) (*blockdevtest.Catalog, *blockdevtest.Memory) {
 	cat := blockdevtest.NewCatalog()

@@ -665,12 +665,7 @@ func TestInlineFollowsLatency(t *testing.T) {
 	cat.add("v", faulty)
 	ts := startServer(t, cat, Config{InlineBelow: time.Millisecond})
 	c := connect(t, ts.addr, "v", false)
-	var conn *conn
-	ts.mu.Lock()
-	for k := range ts.mu.conns {
-		conn = k
-	}
-	ts.mu.Unlock()
+	conn := ts.onlyConn(t)
 	read, flush := &request{Type: cmdRead, Length: 512}, &request{Type: cmdFlush}
 	if conn.fast(read, false) || conn.fast(flush, false) || conn.fast(read, true) {
 		t.Fatal("a new connection runs requests inline before measuring")
@@ -728,12 +723,7 @@ func TestInlineLargeReads(t *testing.T) {
 	cat.add("v", faulty)
 	ts := startServer(t, cat, Config{InlineBelow: -1, InlineLargeReadsBelow: 50 * time.Millisecond})
 	c := connect(t, ts.addr, "v", false)
-	var conn *conn
-	ts.mu.Lock()
-	for k := range ts.mu.conns {
-		conn = k
-	}
-	ts.mu.Unlock()
+	conn := ts.onlyConn(t)
 	large, small := &request{Type: cmdRead, Length: largeRead}, &request{Type: cmdRead, Length: 4096}
 	if conn.fast(large, false) {
 		t.Fatal("a new connection runs large reads inline before measuring")
@@ -766,11 +756,7 @@ func TestInlineLargeReads(t *testing.T) {
 	for i := range 50 {
 		c2.readBack(false, uint64(i), 0, largeRead)
 	}
-	off.mu.Lock()
-	for k := range off.mu.conns {
-		if k.fast(large, false) {
-			t.Error("large reads inline with InlineLargeReadsBelow < 0")
-		}
+	if off.onlyConn(t).fast(large, false) {
+		t.Error("large reads inline with InlineLargeReadsBelow < 0")
 	}
-	off.mu.Unlock()
 }
