@@ -287,19 +287,8 @@ func TestAgentHeartbeatFollowsSuspect(t *testing.T) {
 func TestAgentLearnsAConfigureSoon(t *testing.T) {
 	c := newAPICluster(t, 1)
 	l := c.leader.ID()
-	ag, err := StartAgent(AgentConfig{
-		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{c.srv[l].URL},
-		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ag.Close)
-	for deadline := time.Now().Add(10 * time.Second); ag.State() != cluster.StateActive; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent not active: %v", ag.Err())
-		}
-	}
+	ag := startAgentN4(t, c.srv[l].URL)
+	waitActive(t, ag, 10*time.Second)
 	if got := ag.interval(); got != maxHeartbeatPeriod {
 		t.Fatalf("interval %v before the configure, want %v", got, maxHeartbeatPeriod)
 	}
@@ -333,28 +322,9 @@ func TestAgentLearnsTheLeadersConfig(t *testing.T) {
 	c := newAPICluster(t, 1)
 	l := c.leader.ID()
 	c.want(t, l, "POST", "/v1/cluster/config", `{"lease_timeout":"3s","suspect_timeout":"300ms"}`, 200)
-	lu, err := url.Parse(c.srv[l].URL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	proxy := httputil.NewSingleHostReverseProxy(lu)
-	stale := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/v1/cluster/status" {
-			proxy.ServeHTTP(w, r)
-			return
-		}
-		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(ClusterStatus{Leader: l, LeaderAPI: lu.Host, State: "Follower", Config: cluster.DefaultConfig()})
+	ag := startAgentN4(t, staleStatus(t, c.srv[l].URL, func(leaderAPI string) ClusterStatus {
+		return ClusterStatus{Leader: l, LeaderAPI: leaderAPI, State: "Follower", Config: cluster.DefaultConfig()}
 	}))
-	t.Cleanup(stale.Close)
-	ag, err := StartAgent(AgentConfig{
-		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{stale.URL},
-		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ag.Close)
 	for deadline := time.Now().Add(5 * time.Second); ag.interval() != 100*time.Millisecond; time.Sleep(5 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("interval %v, want 100ms (the leader's suspect timeout 300ms / 3); err %v", ag.interval(), ag.Err())
@@ -369,7 +339,46 @@ func TestAgentLearnsTheLeadersConfig(t *testing.T) {
 func TestAgentUntrustedConfigHeartbeatsOften(t *testing.T) {
 	c := newAPICluster(t, 1)
 	l := c.leader.ID()
-	lu, err := url.Parse(c.srv[l].URL)
+	ag := startAgentN4(t, staleStatus(t, c.srv[l].URL, func(string) ClusterStatus {
+		return ClusterStatus{State: "Follower", Config: cluster.DefaultConfig()}
+	}))
+	waitActive(t, ag, 5*time.Second)
+	if got := ag.interval(); got != untrustedPeriod {
+		t.Fatalf("interval %v with a config from no leader, want %v", got, untrustedPeriod)
+	}
+}
+
+// startAgentN4 starts agent n4 (API 127.0.0.14:7480) joining through join,
+// closed at cleanup.
+func startAgentN4(t *testing.T, join string) *Agent {
+	t.Helper()
+	ag, err := StartAgent(AgentConfig{
+		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{join},
+		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ag.Close)
+	return ag
+}
+
+// waitActive fails t unless ag becomes active within d.
+func waitActive(t *testing.T, ag *Agent, d time.Duration) {
+	t.Helper()
+	for deadline := time.Now().Add(d); ag.State() != cluster.StateActive; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("agent not active: %v", ag.Err())
+		}
+	}
+}
+
+// staleStatus serves the API at leaderURL, except that its cluster status
+// is status(the leader's API host): a node answering from a stale map. It
+// returns the server's URL; the server stops at cleanup.
+func staleStatus(t *testing.T, leaderURL string, status func(leaderAPI string) ClusterStatus) string {
+	t.Helper()
+	lu, err := url.Parse(leaderURL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -380,23 +389,8 @@ func TestAgentUntrustedConfigHeartbeatsOften(t *testing.T) {
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
-		json.NewEncoder(w).Encode(ClusterStatus{State: "Follower", Config: cluster.DefaultConfig()})
+		json.NewEncoder(w).Encode(status(lu.Host))
 	}))
 	t.Cleanup(stale.Close)
-	ag, err := StartAgent(AgentConfig{
-		ID: "n4", Spec: cluster.NodeSpec{Addr: cluster.Addresses{API: "127.0.0.14:7480"}}, Join: []string{stale.URL},
-		Client: &http.Client{Timeout: 2 * time.Second}, Logger: testLogger(),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(ag.Close)
-	for deadline := time.Now().Add(5 * time.Second); ag.State() != cluster.StateActive; time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("agent not active: %v", ag.Err())
-		}
-	}
-	if got := ag.interval(); got != untrustedPeriod {
-		t.Fatalf("interval %v with a config from no leader, want %v", got, untrustedPeriod)
-	}
+	return stale.URL
 }
