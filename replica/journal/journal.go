@@ -853,12 +853,9 @@ func (j *Journal) AppendBatch(rs []*Record, pos []Pos) ([]Pos, error) {
 		if err := j.appendableLocked(r); err != nil {
 			return pos, err
 		}
-		s := j.mu.active
-		if off := s.size.Load(); off > 0 && off >= j.segSize {
-			if _, err := j.rotateLocked(); err != nil {
-				return pos, err
-			}
-			s = j.mu.active
+		s, err := j.segmentForAppendLocked()
+		if err != nil {
+			return pos, err
 		}
 		// The run rs[i:k]: records that start inside this segment, in
 		// opnum order, whose bytes fit one buffer.
@@ -923,15 +920,25 @@ func (j *Journal) appendableLocked(r *Record) error {
 	return nil
 }
 
+// segmentForAppendLocked returns the active segment, rotating first if it
+// is full: a record starts in a segment only below SegmentSize (it may end
+// past it).
+// REQUIRES: j.mu
+func (j *Journal) segmentForAppendLocked() (*segment, error) {
+	if off := j.mu.active.size.Load(); off > 0 && off >= j.segSize {
+		if _, err := j.rotateLocked(); err != nil {
+			return nil, err
+		}
+	}
+	return j.mu.active, nil
+}
+
 // appendLocked writes r, checked, as the next record.
 // REQUIRES: j.mu
 func (j *Journal) appendLocked(r *Record) (Pos, error) {
-	s := j.mu.active
-	if off := s.size.Load(); off > 0 && off >= j.segSize {
-		if _, err := j.rotateLocked(); err != nil {
-			return Pos{}, err
-		}
-		s = j.mu.active
+	s, err := j.segmentForAppendLocked()
+	if err != nil {
+		return Pos{}, err
 	}
 	n := HeaderSize + len(r.Data) + len(r.Aux)
 	off := s.size.Load()
