@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"stor.dev/stor/erasure"
 	"stor.dev/stor/metastore"
 	"stor.dev/stor/replica/journal"
 	"stor.dev/stor/target"
@@ -151,16 +150,18 @@ func readCalls(es []metastore.Extent) int {
 		if e.Kind != metastore.KindData {
 			continue
 		}
-		if i > 0 {
-			q := es[i-1]
-			if q.Kind == metastore.KindData && q.End() == e.Start && q.Where == e.Where &&
-				q.Container == e.Container && q.COff+q.Len == e.COff {
-				continue
-			}
+		if i == 0 || !contiguous(es[i-1], e) {
+			n++
 		}
-		n++
 	}
 	return n
+}
+
+// contiguous reports whether data extent b follows data extent a both in
+// the partition and in one container: ReadAt reads them in one call.
+func contiguous(a, b metastore.Extent) bool {
+	return a.Kind == metastore.KindData && b.Kind == metastore.KindData && a.End() == b.Start &&
+		a.Where == b.Where && a.Container == b.Container && a.COff+a.Len == b.COff
 }
 
 // defragIdle runs one pass of idle defragmentation (see above); b's shards
@@ -202,14 +203,7 @@ func (p *Partition) defragIdle(ctx context.Context, b *shardBuilder) error {
 				continue
 			}
 			data := buf[:e.Len] // held whole: within the window
-			p.gc.RLock()
-			var err error
-			if e.Where == metastore.InJournal {
-				err = p.j.ReadAt(data, journal.Pos{Seg: e.Container, Off: e.COff})
-			} else {
-				err = p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
-			}
-			p.gc.RUnlock()
+			err := p.readExtent(ctx, data, e)
 			if err == nil {
 				err = b.add(ctx, e, data)
 			}

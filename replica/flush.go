@@ -136,9 +136,7 @@ func (p *Partition) Flush(ctx context.Context, force bool) (FlushResult, error) 
 			continue
 		}
 		data := make([]byte, e.Len)
-		p.gc.RLock()
-		err := p.store.ReadAt(ctx, erasure.ShardID{PKey: p.pkey, Seq: e.Container}, data, e.COff)
-		p.gc.RUnlock()
+		err := p.readExtent(ctx, data, e)
 		if err == nil {
 			err = b.add(ctx, e, data)
 		}

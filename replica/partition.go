@@ -443,9 +443,7 @@ func (p *Partition) readAt(ctx context.Context, eb []metastore.Extent, buf []byt
 		// Pieces adjacent both in the partition and in one container (a
 		// large write split by later overwrites, then rewritten) are one
 		// read.
-		for i+1 < len(es) && e.Kind == metastore.KindData && es[i+1].Kind == metastore.KindData &&
-			es[i+1].Start == e.End() && es[i+1].Where == e.Where && es[i+1].Container == e.Container &&
-			es[i+1].COff == e.COff+e.Len {
+		for i+1 < len(es) && contiguous(e, es[i+1]) {
 			e.Len += es[i+1].Len
 			i++
 		}
