@@ -7,7 +7,7 @@ package replica
 //
 //	Deliver(m) --in (bounded, drops)--\     (replication, control, and
 //	Write/.../ReadAt --reqs-----------+-->  remote clients' Requests)
-//	ticker ---------------------------/    run goroutine: Step / Tick --> Core
+//	ticker ---------------------------/    run, or a caller (serve): Step / Tick --> Core
 //	                                               |
 //	                                         Ready, in the Core's order:
 //	  1. Hard          -> HardStore.Save (durable)
@@ -21,10 +21,20 @@ package replica
 //	  8. Messages      -> Send (Append entries get their data from the journal)
 //	                     then Core.Advance
 //
-// One goroutine (run, started by OpenReplica, joined by Close) owns the
-// Core and everything in the "owned by run" part of Replica. Client calls
-// hand it a request and wait for its Completion; Deliver hands it a message
-// without blocking. A second goroutine (persist) commits the extent map's
+// Whoever holds Replica.loop owns the Core and everything in the "owned by
+// run" part of Replica: the run goroutine (started by OpenReplica, joined
+// by Close), or a caller that found it free. Client calls queue a request
+// and wait for its Completion; Deliver queues a message, dropping it when
+// the queue is full. Either then takes the loop if nobody holds it and
+// serves the queues itself (serve: what waits, in queue order, then the
+// Readies), so that an op at queue depth 1 crosses no goroutine: on a
+// secondary the transport's reader notes an Append and sends its ack; on a
+// primary the client's goroutine notes and sends its write, and the reader
+// that receives the ack commits it. If the loop is held, they kick run,
+// which serves once the holder lets go. Items leave the queues only under
+// the loop, in order, so an inline serve never overtakes a message queued
+// before it. run also ticks the Core, and shuts it down at Close (after
+// which nobody steps it). A second goroutine (persist) commits the extent map's
 // pending updates to Pebble every PersistEvery applied ops and once a
 // second, off run's path (the partition's background flush does that for
 // an unreplicated partition). Short-lived reader goroutines (at most
@@ -115,7 +125,7 @@ package replica
 //     gets a Reply to its Client: ReqID, Kind, Index = the op's opnum, and
 //     for a read Data = the partition's bytes read after the op was applied
 //     (as ReadAt does for a local call). Those reads run on reader
-//     goroutines (at most maxRemoteReaders; past that, on run itself), so
+//     goroutines (at most maxRemoteReaders; past that, on the loop itself), so
 //     that a large read does not stall replication; Close joins them.
 //   - A refused or failed op is a Reply with FlagReject, the RejectReason
 //     in Data[0], Epoch the replica's epoch, and Peers[0] the primary it
@@ -209,8 +219,8 @@ const (
 
 // HardStore persists a replica's HardState. Save must be durable when it
 // returns; Load returns the last state saved (the zero HardState if none).
-// Both are called only from the Replica's goroutine (Load from
-// OpenReplica).
+// Both are called only by whoever drives the Replica, one call at a time
+// (Load from OpenReplica).
 type HardStore struct {
 	Load func() (HardState, error)
 	Save func(HardState) error
@@ -222,17 +232,19 @@ type ReplicaConfig struct {
 	// required.
 	Core CoreConfig
 	// Send sends a message (the transport). It must not block; it may
-	// drop. It is called from the Replica's goroutine and from the reader
-	// goroutines that answer remote reads (so it must be safe for
-	// concurrent use); the caller gives up the message and its Data.
+	// drop. It is called by whoever drives the Replica (run, or a client
+	// call or Deliver serving inline; so it may be called from inside
+	// Deliver) and from the reader goroutines that answer remote reads (so
+	// it must be safe for concurrent use); the caller gives up the message
+	// and its Data.
 	Send func(*wire.Msg)
 	// Tick is the interval of Core ticks; 0: DefaultTick.
 	Tick time.Duration
 	// Hard persists the hard state; zero: FileHardStore in the partition's
 	// journal directory.
 	Hard HardStore
-	// QueueLen bounds the inbound messages waiting for the goroutine
-	// (Deliver drops past it); 0: DefaultQueueLen.
+	// QueueLen bounds the inbound messages waiting to be stepped (Deliver
+	// drops past it); 0: DefaultQueueLen.
 	QueueLen int
 	// Size is the partition's size in bytes: a remote request past it is
 	// refused (RejectInvalid) before the Core numbers it; 0: unchecked.
@@ -282,9 +294,15 @@ type Replica struct {
 	log  *slog.Logger
 	in   chan *wire.Msg
 	reqs chan *request
+	kick chan struct{} // capacity 1: in or reqs got an item while loop was held
 	stop chan struct{}
 	done chan struct{} // closed when run returns
 	once sync.Once
+
+	// loop is held by whoever drives the Core: run, or an inline caller
+	// (see serve). Everything "owned by run" below is owned by its holder.
+	loop sync.Mutex
+	shut bool // run shut the Core down: nobody steps it again; owned by loop
 
 	reqBase   atomic.Uint64 // request ids: a random base per Replica, counting up
 	dropped   atomic.Uint64
@@ -374,7 +392,8 @@ func OpenReplica(ctx context.Context, p *Partition, cfg ReplicaConfig) (*Replica
 	if cfg.Hard.Load == nil || cfg.Hard.Save == nil {
 		cfg.Hard = FileHardStore(p.opts.FS, p.opts.Dir)
 	}
-	r := &Replica{cfg: cfg, p: p, in: make(chan *wire.Msg, cfg.QueueLen), reqs: make(chan *request),
+	r := &Replica{cfg: cfg, p: p, in: make(chan *wire.Msg, cfg.QueueLen), reqs: make(chan *request, maxBatch),
+		kick: make(chan struct{}, 1),
 		stop: make(chan struct{}), done: make(chan struct{}),
 		persistKick: make(chan struct{}, 1), persistDone: make(chan struct{}),
 		readers: make(chan struct{}, maxRemoteReaders),
@@ -553,15 +572,37 @@ func journalKind(k wire.Kind) (journal.Kind, bool) {
 	return 0, false
 }
 
-// Deliver hands the Replica a message from the transport. It never blocks:
-// past ReplicaConfig.QueueLen waiting messages it drops (the protocol
-// retransmits). The message and its Data become the Replica's.
+// Deliver hands the Replica a message from the transport: past
+// ReplicaConfig.QueueLen waiting messages it drops (the protocol
+// retransmits). The message and its Data become the Replica's. It does
+// not wait for the Replica's goroutine, but when nobody drives the Replica
+// it does the work the message brings on the caller's goroutine (serve),
+// as run would: journal writes and sends, and when the batch holds one, an
+// fsync, a hard state save or a snapshot install (which waits for a
+// running Background).
 func (r *Replica) Deliver(m *wire.Msg) {
 	select {
 	case r.in <- m:
+		r.nudge()
 	default:
 		r.dropped.Add(1)
 	}
+}
+
+// nudge serves the queues on the caller's goroutine if nobody holds the
+// loop, else kicks run (the holder may be past its last look at them).
+func (r *Replica) nudge() {
+	if !r.loop.TryLock() {
+		select {
+		case r.kick <- struct{}{}:
+		default:
+		}
+		return
+	}
+	if !r.shut {
+		r.serve()
+	}
+	r.loop.Unlock()
 }
 
 // SyncJournal makes the partition's journal durable. Call it, not
@@ -693,6 +734,7 @@ func (r *Replica) do(ctx context.Context, kind wire.Kind, off, n int64, data []b
 	q := &request{id: id, kind: kind, off: off, len: n, data: data, done: make(chan Completion, 1)}
 	select {
 	case r.reqs <- q:
+		r.nudge()
 	case <-ctx.Done():
 		return Completion{}, ctx.Err()
 	case <-r.done:
@@ -727,47 +769,69 @@ func (r *Replica) closedErr() error {
 	return ErrReplicaClosed
 }
 
-// run is the Replica's goroutine.
+// run is the Replica's goroutine: it ticks the Core, serves the queues
+// when an inline caller could not (kick), and shuts the Core down at
+// Close.
 func (r *Replica) run() {
 	defer close(r.done)
 	t := time.NewTicker(r.cfg.Tick)
 	defer t.Stop()
 	for {
-		more := true
 		select {
 		case <-r.stop:
+			r.loop.Lock()
 			r.shutdown()
+			r.shut = true
+			r.loop.Unlock()
 			return
-		case m := <-r.in:
-			more = r.step(m)
-		case q := <-r.reqs:
-			r.request(q)
+		case <-r.kick:
+			r.loop.Lock()
+			r.serve()
+			r.loop.Unlock()
 		case <-t.C:
+			r.loop.Lock()
+			// A Tick ends a batch (see serve): it gets a Ready of its own.
 			if r.failed.Load() == nil {
 				r.core.Tick()
 			}
 			if r.sinceKick > 0 && time.Since(r.kicked) >= time.Second {
 				r.kickPersist()
 			}
+			r.drain()
+			r.loop.Unlock()
+		}
+	}
+}
+
+// maxBatch bounds the queued items one serve takes (and the requests
+// waiting in reqs).
+const maxBatch = 256
+
+// serve takes what waits in the queues, in order, up to maxBatch items,
+// so that one Ready (one fsync) serves many ops, then does the Readies; if
+// more waits after that, it kicks run rather than keep an inline caller.
+// A Promote ends the batch (as a Tick does in run): each sets the Core's
+// heartbeat flag, which only a primary's Ready clears, and a later message
+// in the same batch could make it step down with the flag set — HasReady
+// would then stay true for ever (the Core's stepDown does not clear it).
+// REQUIRES: r.loop held, !r.shut.
+func (r *Replica) serve() {
+	for i, more := 0, true; more && i < maxBatch; i++ {
+		select {
+		case m := <-r.in:
+			more = r.step(m)
+		case q := <-r.reqs:
+			r.request(q)
+		default:
 			more = false
 		}
-		// Take what else is waiting, so that one Ready (one fsync) serves
-		// many ops. A Tick or a Promote ends the batch: each sets the
-		// Core's heartbeat flag, which only a primary's Ready clears, and a
-		// later message in the same batch could make it step down with the
-		// flag set — HasReady would then stay true for ever (the Core's
-		// stepDown does not clear it).
-		for i := 0; more && i < 256; i++ {
-			select {
-			case m := <-r.in:
-				more = r.step(m)
-			case q := <-r.reqs:
-				r.request(q)
-			default:
-				more = false
-			}
+	}
+	r.drain()
+	if len(r.in) > 0 || len(r.reqs) > 0 {
+		select {
+		case r.kick <- struct{}{}:
+		default:
 		}
-		r.drain()
 	}
 }
 

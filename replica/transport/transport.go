@@ -18,6 +18,13 @@
 //     in Stats.Dropped, when the queue is full, the peer is unknown to
 //     Config.Resolve, the message breaks a wire limit, or the transport is
 //     closed. The protocol retransmits; the transport does not.
+//   - Direct sends: when the peer is connected, nothing it was sent waits
+//     unwritten and its writer is idle, Send writes the frame to the
+//     socket itself, without waiting (a non-blocking write, so a peer that
+//     does not read cannot stall the caller); whatever the socket does not
+//     take at once goes to the writer as the peer's rest, which it writes
+//     before any queued frame. A message at queue depth 1 so crosses no
+//     goroutine on its way out.
 //   - Each peer has one writer goroutine, started by the first Send to it.
 //     It dials lazily, resolving the peer's address at every dial, and
 //     writes frames through a bufio.Writer, flushing when its queue is
@@ -34,9 +41,11 @@
 //     wire.Decode and calls Deliver. A malformed frame, a bad checksum or
 //     a wrong magic or version closes that connection only, logged once
 //     at Warn and counted in Stats.BadFrames.
-//   - A message to Config.Self is delivered locally, without TCP, through
-//     the same kind of queue and goroutine, so Send never blocks on
-//     Deliver.
+//   - A message to Config.Self is delivered locally, without TCP: by Send
+//     itself when nothing queued for Self waits and no local delivery
+//     runs (so a Send to Self may call Deliver on the caller's
+//     goroutine), else through the same kind of queue and goroutine, so
+//     a Send to Self from inside Deliver never waits for Deliver.
 //
 // # Rules
 //
@@ -45,8 +54,9 @@
 //     joins them all. The writer owns its outbound connection; a reader
 //     owns its inbound one; Close only closes them to unblock their
 //     owners.
-//   - Deliver is called from reader goroutines (and the local one),
-//     concurrently across connections, in order within one connection.
+//   - Deliver is called from reader goroutines (and the local one, and
+//     Send to Self), concurrently across connections, in order within one
+//     connection and among the messages to Self.
 //     The message and its Data are the callee's to keep. Deliver must not
 //     block for long (it stalls that connection) and must not call Close.
 //   - Ordering: frames from one transport to another arrive in Send order
@@ -67,6 +77,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"stor.dev/stor/ctl/api"
@@ -141,15 +152,32 @@ type TCP struct {
 }
 
 // peer is one destination: its queue and the goroutine that drains it.
+//
+// Frames reach the socket in Send order: wmu is held around every write
+// to oc; a direct send happens only with queued == 0 and rest == nil, so
+// every frame of an earlier Send is on the socket already; the writer
+// writes rest before anything it dequeues. For Self, wmu is held around
+// every Deliver instead, by the same rule.
 type peer struct {
-	id api.NodeID
-	q  chan []byte // encoded frames: Send writes, the peer's goroutine reads
+	id     api.NodeID
+	q      chan []byte   // encoded frames: Send writes, the peer's goroutine reads
+	wake   chan struct{} // capacity 1: rest was set
+	queued atomic.Int64  // frames put on q and not yet written or dropped by the writer
+
+	wmu  sync.Mutex
+	oc   *outConn // REQUIRES: wmu; set and cleared by the writer goroutine
+	rest []byte   // REQUIRES: wmu; the unwritten tail of a direct send
+	// deadline is the write deadline last set on oc (REQUIRES: wmu). A
+	// direct write never waits, but Go refuses any write once the
+	// deadline has passed, so direct extends it when it runs low.
+	deadline time.Time
 }
 
-// outConn is a writer's connection; owned by the writer goroutine.
+// outConn is a writer's connection.
 type outConn struct {
-	c net.Conn
-	w *bufio.Writer
+	c  net.Conn
+	rc syscall.RawConn // for direct sends; nil: none
+	w  *bufio.Writer
 }
 
 // New returns a transport, listening on cfg.Listen if set.
@@ -221,11 +249,92 @@ func (t *TCP) Send(m *wire.Msg) {
 		t.stats.dropped.Add(1)
 		return
 	}
+	f := wire.Encode(m)
+	if m.To == t.cfg.Self && t.directLocal(p, f) || m.To != t.cfg.Self && t.direct(p, f) {
+		return
+	}
+	p.queued.Add(1)
 	select {
-	case p.q <- wire.Encode(m):
+	case p.q <- f:
 	default:
+		p.queued.Add(-1)
 		t.stats.dropped.Add(1)
 	}
+}
+
+// directLocal delivers f (to Self) on the caller's goroutine if that keeps
+// the messages to Self in order (see peer) and no local delivery runs; it
+// reports whether it did.
+func (t *TCP) directLocal(p *peer, f []byte) bool {
+	if p.queued.Load() != 0 || !p.wmu.TryLock() {
+		return false
+	}
+	defer p.wmu.Unlock()
+	if p.queued.Load() != 0 {
+		return false
+	}
+	t.deliverLocal(f)
+	return true
+}
+
+// deliverLocal decodes a frame to Self and delivers it.
+func (t *TCP) deliverLocal(f []byte) {
+	m, err := wire.Decode(f)
+	if err != nil {
+		t.stats.badFrames.Add(1)
+		t.stats.dropped.Add(1)
+		t.log.Warn("transport: local message does not decode", "err", err)
+		return
+	}
+	t.stats.sent.Add(1)
+	t.stats.received.Add(1)
+	t.cfg.Deliver(m)
+}
+
+// direct writes f to p's socket from the caller's goroutine if that keeps
+// the frames in order and the writer is idle (see peer). It reports
+// whether it took f: written whole, or its unwritten tail handed to the
+// writer as p.rest (a full socket buffer, or an error the writer will meet
+// and handle as its own).
+func (t *TCP) direct(p *peer, f []byte) bool {
+	if p.queued.Load() != 0 || !p.wmu.TryLock() {
+		return false
+	}
+	defer p.wmu.Unlock()
+	oc := p.oc
+	if oc == nil || oc.rc == nil || p.rest != nil || p.queued.Load() != 0 {
+		return false
+	}
+	if now := time.Now(); now.After(p.deadline.Add(-t.cfg.WriteTimeout / 2)) {
+		p.deadline = now.Add(t.cfg.WriteTimeout)
+		if err := oc.c.SetWriteDeadline(p.deadline); err != nil {
+			return false // the writer meets it
+		}
+	}
+	n := 0
+	rerr := oc.rc.Write(func(fd uintptr) bool {
+		for n < len(f) {
+			m, err := syscall.Write(int(fd), f[n:])
+			if err == syscall.EINTR {
+				continue
+			}
+			if err != nil || m <= 0 {
+				return true // EAGAIN: the writer waits for room; else it meets the error
+			}
+			n += m
+		}
+		return true
+	})
+	if n == len(f) && rerr == nil {
+		t.stats.sent.Add(1)
+		return true
+	}
+	p.rest = f[n:]
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+	return true
 }
 
 // fits checks the limits a decoder enforces that a caller could break, so
@@ -279,7 +388,7 @@ func (t *TCP) peer(id api.NodeID) *peer {
 	if p := t.mu.peers[id]; p != nil {
 		return p
 	}
-	p = &peer{id: id, q: make(chan []byte, t.cfg.QueueLen)}
+	p = &peer{id: id, q: make(chan []byte, t.cfg.QueueLen), wake: make(chan struct{}, 1)}
 	t.mu.peers[id] = p
 	t.wg.Add(1)
 	if id == t.cfg.Self {
@@ -344,33 +453,30 @@ func (t *TCP) runLocal(p *peer) {
 		case <-t.ctx.Done():
 			return
 		case f := <-p.q:
-			m, err := wire.Decode(f)
-			if err != nil {
-				t.stats.badFrames.Add(1)
-				t.stats.dropped.Add(1)
-				t.log.Warn("transport: local message does not decode", "err", err)
-				continue
-			}
-			t.stats.sent.Add(1)
-			t.stats.received.Add(1)
-			t.cfg.Deliver(m)
+			p.wmu.Lock()
+			t.deliverLocal(f)
+			p.queued.Add(-1)
+			p.wmu.Unlock()
 		}
 	}
 }
 
-// runPeer is the writer goroutine of p.
+// runPeer is the writer goroutine of p. It holds p.wmu while it handles
+// what it took (a frame from q, or the rest of a direct send).
 func (t *TCP) runPeer(p *peer) {
 	defer t.wg.Done()
 	var (
-		oc      *outConn
 		backoff time.Duration
 		retryAt time.Time // before it, the peer is down: drop
 		down    bool      // a failure was logged since the last success
 	)
 	defer func() {
-		if oc != nil {
-			t.untrack(oc.c)
+		p.wmu.Lock()
+		if p.oc != nil {
+			t.untrack(p.oc.c)
+			p.oc = nil
 		}
+		p.wmu.Unlock()
 	}()
 	fail := func() {
 		backoff = min(max(2*backoff, minBackoff), maxBackoff)
@@ -379,19 +485,30 @@ func (t *TCP) runPeer(p *peer) {
 	}
 	for {
 		var f []byte
+		took := 0 // frames taken from q
 		select {
 		case <-t.ctx.Done():
 			return
 		case f = <-p.q:
+			took = 1
+		case <-p.wake:
 		}
-		if oc == nil {
+		p.wmu.Lock()
+		if p.oc == nil && (p.rest != nil || took > 0) {
 			if time.Now().Before(retryAt) {
-				t.stats.dropped.Add(1)
+				t.stats.dropped.Add(uint64(took))
+				t.dropRest(p)
+				p.queued.Add(int64(-took))
+				p.wmu.Unlock()
 				continue
 			}
 			var err error
-			if oc, err = t.dial(p.id); err != nil {
-				t.stats.dropped.Add(1 + drain(p.q))
+			if p.oc, err = t.dial(p.id); err != nil {
+				n := drain(p.q)
+				t.stats.dropped.Add(uint64(took) + n)
+				t.dropRest(p)
+				p.queued.Add(-int64(uint64(took) + n))
+				p.wmu.Unlock()
 				if !down && t.ctx.Err() == nil {
 					t.log.Warn("transport: peer unreachable", "peer", p.id, "err", err)
 				}
@@ -399,19 +516,37 @@ func (t *TCP) runPeer(p *peer) {
 				continue
 			}
 		}
-		if err := t.writeBatch(oc, p.q, f); err != nil {
+		if p.oc == nil {
+			p.wmu.Unlock()
+			continue
+		}
+		n, err := t.writeBatch(p, f, took)
+		p.queued.Add(-int64(n))
+		if err != nil {
+			oc := p.oc
+			p.oc = nil
+			p.wmu.Unlock()
 			if !down && t.ctx.Err() == nil {
 				t.log.Warn("transport: connection lost", "peer", p.id, "err", err)
 			}
 			t.untrack(oc.c)
-			oc = nil
 			fail()
 			continue
 		}
+		addr := p.oc.c.RemoteAddr()
+		p.wmu.Unlock()
 		if down {
-			t.log.Info("transport: peer reachable", "peer", p.id, "addr", oc.c.RemoteAddr())
+			t.log.Info("transport: peer reachable", "peer", p.id, "addr", addr)
 		}
 		backoff, down = 0, false
+	}
+}
+
+// dropRest drops p's rest, if any. REQUIRES: p.wmu.
+func (t *TCP) dropRest(p *peer) {
+	if p.rest != nil {
+		p.rest = nil
+		t.stats.dropped.Add(1)
 	}
 }
 
@@ -447,38 +582,59 @@ func (t *TCP) dial(id api.NodeID) (*outConn, error) {
 		c.Close()
 		return nil, ErrClosed
 	}
-	return &outConn{c: c, w: bufio.NewWriterSize(c, bufSize)}, nil
+	oc := &outConn{c: c, w: bufio.NewWriterSize(c, bufSize)}
+	if sc, ok := c.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			oc.rc = rc
+		}
+	}
+	return oc, nil
 }
 
-// writeBatch writes f and whatever else is queued (up to maxBatch frames),
-// then flushes.
-func (t *TCP) writeBatch(oc *outConn, q <-chan []byte, f []byte) error {
-	if err := oc.c.SetWriteDeadline(time.Now().Add(t.cfg.WriteTimeout)); err != nil {
-		t.stats.dropped.Add(1)
-		return err
+// writeBatch writes p.rest (if any), then f (if took is 1), then whatever
+// else is queued (up to maxBatch frames), and flushes. It returns how many
+// frames it took from p.q, written or dropped. REQUIRES: p.wmu, p.oc.
+func (t *TCP) writeBatch(p *peer, f []byte, took int) (int, error) {
+	oc := p.oc
+	rest := p.rest
+	p.rest = nil
+	frames := uint64(0) // frames in the buffer, rest included
+	if rest != nil {
+		frames++
 	}
-	n := uint64(0)
-	for more := true; more; {
-		if _, err := oc.w.Write(f); err != nil {
-			t.stats.dropped.Add(n + 1)
-			return err
+	p.deadline = time.Now().Add(t.cfg.WriteTimeout)
+	if err := oc.c.SetWriteDeadline(p.deadline); err != nil {
+		t.stats.dropped.Add(frames + uint64(took))
+		return took, err
+	}
+	if rest != nil {
+		if _, err := oc.w.Write(rest); err != nil {
+			t.stats.dropped.Add(frames + uint64(took))
+			return took, err
 		}
-		n++
+	}
+	for more := took > 0; more; {
+		if _, err := oc.w.Write(f); err != nil {
+			t.stats.dropped.Add(frames + 1)
+			return took, err
+		}
+		frames++
 		more = false
-		if n < maxBatch {
+		if took < maxBatch {
 			select {
-			case f = <-q:
+			case f = <-p.q:
+				took++
 				more = true
 			default:
 			}
 		}
 	}
 	if err := oc.w.Flush(); err != nil {
-		t.stats.dropped.Add(n)
-		return err
+		t.stats.dropped.Add(frames)
+		return took, err
 	}
-	t.stats.sent.Add(n)
-	return nil
+	t.stats.sent.Add(frames)
+	return took, nil
 }
 
 // runAccept accepts inbound connections and starts their readers.

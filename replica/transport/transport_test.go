@@ -525,3 +525,82 @@ func BenchmarkSend4K(b *testing.B) {
 	}
 	_ = rx
 }
+
+// A Send to a peer whose socket is full writes what fits and leaves the
+// rest of the frame to the writer, which writes it before the frames
+// queued behind it: the peer gets every frame whole and in order.
+func TestDirectSendKeepsOrderWhenTheSocketFills(t *testing.T) {
+	const n = 3000 // of ~16 KiB: far more than the socket buffers hold
+	dir := newDirectory()
+	big := func(c *Config) { c.QueueLen = 2 * n }
+	a, _ := start(t, dir, "a", "", big)
+	gate := make(chan struct{})
+	got := make(chan *wire.Msg, n)
+	var first sync.Once
+	start(t, dir, "b", "127.0.0.1:0", func(c *Config) {
+		c.QueueLen = 2 * n
+		c.Deliver = func(m *wire.Msg) {
+			first.Do(func() { <-gate }) // b's reader stops reading: the socket fills
+			got <- m
+		}
+	})
+	mk := func(i int) *wire.Msg {
+		m := msg(i, "a", "b")
+		m.Data = payload(i, 16<<10+i%4096)
+		return m
+	}
+	for i := range n {
+		a.Send(mk(i))
+	}
+	close(gate)
+	for i, m := range recv(t, got, n) {
+		if want := mk(i); !reflect.DeepEqual(m, want) {
+			t.Fatalf("message %d is %v (data %d bytes), want %v (data %d bytes)", i, m, len(m.Data), want, len(want.Data))
+		}
+	}
+	if s := a.Stats(); s.Sent != n || s.Dropped != 0 {
+		t.Errorf("stats %+v, want %d sent, none dropped", s, n)
+	}
+}
+
+// A Send to Self with nothing queued delivers before it returns; a Send to
+// Self from inside Deliver is queued (no deadlock) and delivered after it,
+// in order.
+func TestDeliverToSelfInline(t *testing.T) {
+	dir := newDirectory()
+	var (
+		mu  sync.Mutex
+		got []uint64
+		tr  *TCP
+	)
+	tr, _ = start(t, dir, "a", "", func(c *Config) {
+		c.Deliver = func(m *wire.Msg) {
+			if m.ReqID%2 == 0 {
+				tr.Send(msg(int(m.ReqID)+1, "a", "a")) // nested: queued behind this one
+			}
+			mu.Lock()
+			got = append(got, m.ReqID)
+			mu.Unlock()
+		}
+	})
+	const n = 100
+	for i := 0; i < n; i += 2 {
+		tr.Send(msg(i, "a", "a"))
+		mu.Lock()
+		inline := len(got) > 0 && got[len(got)-1] == uint64(i) || len(got) > 1 && got[len(got)-2] == uint64(i)
+		mu.Unlock()
+		if !inline {
+			t.Fatalf("Send of %d returned before its Deliver ran", i)
+		}
+		waitFor(t, "the nested message delivered", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			return len(got) == i+2
+		})
+	}
+	for i, id := range got {
+		if id != uint64(i) {
+			t.Fatalf("delivery %d is message %d: %v", i, id, got)
+		}
+	}
+}
