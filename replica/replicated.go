@@ -303,6 +303,10 @@ type Replica struct {
 	// (see serve). Everything "owned by run" below is owned by its holder.
 	loop sync.Mutex
 	shut bool // run shut the Core down: nobody steps it again; owned by loop
+	// backlog is the Core's uncommitted entries (LastIndex - Commit) as of
+	// the last Ready loop: a call or message serves inline only while it is
+	// at most 1 (see shallow).
+	backlog atomic.Uint64
 
 	reqBase   atomic.Uint64 // request ids: a random base per Replica, counting up
 	dropped   atomic.Uint64
@@ -583,7 +587,11 @@ func journalKind(k wire.Kind) (journal.Kind, bool) {
 func (r *Replica) Deliver(m *wire.Msg) {
 	select {
 	case r.in <- m:
-		r.nudge()
+		if shallow(m, r.backlog.Load()) {
+			r.nudge()
+		} else {
+			r.kickRun()
+		}
 	default:
 		r.dropped.Add(1)
 	}
@@ -593,16 +601,39 @@ func (r *Replica) Deliver(m *wire.Msg) {
 // loop, else kicks run (the holder may be past its last look at them).
 func (r *Replica) nudge() {
 	if !r.loop.TryLock() {
-		select {
-		case r.kick <- struct{}{}:
-		default:
-		}
+		r.kickRun()
 		return
 	}
 	if !r.shut {
 		r.serve()
 	}
 	r.loop.Unlock()
+}
+
+// shallow reports whether m comes from a pipeline at about queue depth 1,
+// where serving it inline saves goroutine switches: an Append with at most
+// one entry past its primary's commit index, or anything else (a request,
+// an ack) while at most one entry of this replica's log is uncommitted
+// (backlog). A deeper pipeline goes to run, which takes what piled up
+// meanwhile in one batch (one journal write, one Append or ack for many
+// ops): serving each message inline costs more there (4k random writes
+// at queue depth 32 on a 2-node cluster: 8.0-8.6k IOPS with every message
+// inline, 10.9-11.4k through run). A client call (do) serves inline only
+// with nothing uncommitted.
+func shallow(m *wire.Msg, backlog uint64) bool {
+	if m.Type == wire.TypeAppend {
+		n := len(m.Entries)
+		return n == 0 || n == 1 && m.Entries[0].OpNum <= m.Commit+1
+	}
+	return backlog <= 1
+}
+
+// kickRun wakes run to serve the queues.
+func (r *Replica) kickRun() {
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
 }
 
 // SyncJournal makes the partition's journal durable. Call it, not
@@ -734,7 +765,11 @@ func (r *Replica) do(ctx context.Context, kind wire.Kind, off, n int64, data []b
 	q := &request{id: id, kind: kind, off: off, len: n, data: data, done: make(chan Completion, 1)}
 	select {
 	case r.reqs <- q:
-		r.nudge()
+		if r.backlog.Load() == 0 {
+			r.nudge()
+		} else {
+			r.kickRun()
+		}
 	case <-ctx.Done():
 		return Completion{}, ctx.Err()
 	case <-r.done:
@@ -828,10 +863,7 @@ func (r *Replica) serve() {
 	}
 	r.drain()
 	if len(r.in) > 0 || len(r.reqs) > 0 {
-		select {
-		case r.kick <- struct{}{}:
-		default:
-		}
+		r.kickRun()
 	}
 }
 
@@ -909,6 +941,7 @@ func (r *Replica) compact() {
 
 func (r *Replica) publish() {
 	c := r.core
+	r.backlog.Store(uint64(c.LastIndex() - min(c.Commit(), c.LastIndex())))
 	r.snapIndex.Store(uint64(c.SnapIndex()))
 	r.status.Store(&ReplicaStatus{Role: c.Role(), Epoch: c.Epoch(), Primary: c.Primary(), Commit: c.Commit(),
 		Applied: r.applied, Last: c.LastIndex(), InSync: c.InSync(), Peers: c.Progress(), Blessed: c.Blessed()})

@@ -903,3 +903,31 @@ func TestReplicaDefragIdle(t *testing.T) {
 	c.checkPartition("n1", &m)
 	c.checkPartition("n2", &m)
 }
+
+func TestShallow(t *testing.T) {
+	app := func(commit api.OpNum, ops ...api.OpNum) *wire.Msg {
+		m := &wire.Msg{Type: wire.TypeAppend, Commit: commit}
+		for _, op := range ops {
+			m.Entries = append(m.Entries, wire.Entry{OpNum: op, Kind: wire.KindWrite})
+		}
+		return m
+	}
+	for _, c := range []struct {
+		what    string
+		m       *wire.Msg
+		backlog uint64
+		want    bool
+	}{
+		{"heartbeat", app(9), 5, true},
+		{"queue depth 1: the op after the commit index", app(9, 10), 5, true},
+		{"an op past the next one", app(9, 11), 0, false},
+		{"two ops", app(9, 10, 11), 0, false},
+		{"ack with nothing else uncommitted", &wire.Msg{Type: wire.TypeAppendResp}, 1, true},
+		{"request on an idle log", &wire.Msg{Type: wire.TypeRequest}, 0, true},
+		{"request behind a deep pipeline", &wire.Msg{Type: wire.TypeRequest}, 2, false},
+	} {
+		if got := shallow(c.m, c.backlog); got != c.want {
+			t.Errorf("%s: shallow = %v, want %v", c.what, got, c.want)
+		}
+	}
+}

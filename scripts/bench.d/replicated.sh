@@ -22,7 +22,12 @@
 #   4k-randwrite-fsync  randwrite  4k  1        --fsync=1 (NBD FLUSH after each write)
 #
 # Every target first gets its region (BENCH_SIZE) written sequentially and
-# flushed. Rounds rotate the order of the targets. The table gives, per row
+# flushed. Rounds rotate the order of the targets. Before every cell the
+# script waits until both nodes are back to their idle CPU use (what they
+# used in 3 s before the first write, plus 4 % of a CPU) for 4 s in a row,
+# at most 90 s: a volume's background work after a cell (moving what the
+# cell wrote into shards, defragmenting it once idle) then never runs inside
+# the next target's cell, on either node. The table gives, per row
 # and target, the median over rounds of IOPS and of the p50/p99 completion
 # latency (the fsync row: the flush's latency, as scripts/bench), then the
 # ratios r2/r1 IOPS, r2/r1 p50 and r2/nbd-server IOPS, then the targets:
@@ -277,6 +282,41 @@ start_cluster() {
 	done
 }
 
+# cpu_ticks PID: user + system clock ticks PID has used.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# nodes_ticks: both nodes' ticks, "N1 N2".
+nodes_ticks() { echo "$(cpu_ticks "$(cat "$cdir/n1.pid")") $(cpu_ticks "$(cat "$cdir/n2.pid")")"; }
+
+# measure_idle: idle_ticks = the most either node used in 3 s, per 0.5 s.
+measure_idle() {
+	local a1 a2 b1 b2
+	read -r a1 a2 < <(nodes_ticks)
+	sleep 3
+	read -r b1 b2 < <(nodes_ticks)
+	idle_ticks=$(((b1 - a1 > b2 - a2 ? b1 - a1 : b2 - a2) / 6))
+	echo "bench replicated: idle nodes use up to $((idle_ticks * 200 / $(getconf CLK_TCK))) % of a CPU" >&2
+}
+
+# settle: until both nodes used at most idle_ticks + 4 % of a CPU in each
+# of 8 half seconds in a row (at most 90 s); logs how long it took.
+settle() {
+	local quiet=0 start=$SECONDS a1 a2 b1 b2 lim
+	lim=$((idle_ticks + $(getconf CLK_TCK) / 50))
+	read -r a1 a2 < <(nodes_ticks)
+	while ((quiet < 8 && SECONDS - start < 90)); do
+		sleep 0.5
+		read -r b1 b2 < <(nodes_ticks)
+		if ((b1 - a1 <= lim && b2 - a2 <= lim)); then
+			quiet=$((quiet + 1))
+		else
+			quiet=0
+		fi
+		a1=$b1 a2=$b2
+	done
+	settles+=("$((SECONDS - start))")
+}
+
 # fio_args ROW: the row's fio options.
 fio_args() {
 	case $1 in
@@ -291,6 +331,8 @@ echo "bench replicated: in $work: ${rounds} round(s) of ${runtime} s cells, volu
 load_start=$(loadavg)
 start_cluster
 start_nbdsrv
+measure_idle
+settles=()
 
 for p in "${peers[@]}"; do
 	check_space
@@ -312,7 +354,8 @@ for ((r = 1; r <= rounds; r++)); do
 	for row in "${rows[@]}"; do
 		for p in "${order[@]}"; do
 			check_space
-			echo "bench replicated: round $r/$rounds $row $p" >&2
+			settle
+			echo "bench replicated: round $r/$rounds $row $p (settled in ${settles[-1]} s)" >&2
 			# shellcheck disable=SC2046 # word splitting of fio_args is intended
 			bounded $((runtime + 120)) "$res/fio.log" fio --name="$row" --ioengine=nbd --uri="${uri[$p]}" \
 				$(fio_args "$row") --size="$size_bytes" --time_based --runtime="$runtime" \
@@ -446,4 +489,5 @@ EOF
 		echo "warning: load average above the CPU count during the run; other work shared the machine, so treat ratios as rough"
 	fi
 	echo "cells: ${runtime} s each, ${rounds} round(s) rotating the target order, region $size of each target, fio nbd engine, one job and connection per cell; lease 1500ms, suspect 750ms"
+	echo "settling before each cell (s): ${settles[*]} (idle: up to $((idle_ticks * 200 / $(getconf CLK_TCK))) % of a CPU per node)"
 } | tee "$res/table.md"
