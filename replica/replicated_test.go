@@ -54,6 +54,11 @@ type rcluster struct {
 		cut  map[api.NodeID]bool
 		ends map[api.NodeID]func(*wire.Msg) // endpoints other than replicas and control
 		tcp  map[api.NodeID]*transport.TCP  // a node's transport, if on TCP
+		// in counts the router's Deliver calls under way per node, and
+		// watch (if set) sees every message sent with whether its sender
+		// was inside a Deliver then (it served the message inline).
+		in    map[api.NodeID]int
+		watch func(m *wire.Msg, inDeliver bool)
 	}
 }
 
@@ -63,6 +68,7 @@ func newRCluster(t *testing.T, n int, strict bool) *rcluster {
 	c.mu.cut = make(map[api.NodeID]bool)
 	c.mu.ends = make(map[api.NodeID]func(*wire.Msg))
 	c.mu.tcp = make(map[api.NodeID]*transport.TCP)
+	c.mu.in = make(map[api.NodeID]int)
 	c.ctl = &fakeControl{c: c, inSync: make(map[api.NodeID]bool)}
 	for i := range n {
 		nd := &rnode{id: api.NodeID(fmt.Sprintf("n%d", i+1))}
@@ -188,6 +194,9 @@ func (c *rcluster) send(m *wire.Msg) {
 	c.mu.Lock()
 	drop := c.mu.cut[m.From] || c.mu.cut[m.To]
 	end, tcp := c.mu.ends[m.To], c.mu.tcp[m.From]
+	if c.mu.watch != nil {
+		c.mu.watch(m, c.mu.in[m.From] > 0)
+	}
 	c.mu.Unlock()
 	if drop {
 		return
@@ -211,7 +220,13 @@ func (c *rcluster) send(m *wire.Msg) {
 	for _, nd := range c.nodes {
 		if nd.id == d.To {
 			if r := nd.rep.Load(); r != nil {
+				c.mu.Lock()
+				c.mu.in[d.To]++
+				c.mu.Unlock()
 				r.Deliver(d)
+				c.mu.Lock()
+				c.mu.in[d.To]--
+				c.mu.Unlock()
 			}
 		}
 	}
@@ -930,4 +945,51 @@ func TestShallow(t *testing.T) {
 			t.Errorf("%s: shallow = %v, want %v", c.what, got, c.want)
 		}
 	}
+}
+
+// At queue depth 1 a secondary notes an Append and sends its ack on the
+// goroutine that delivers it (serve inline), not on its run goroutine; a
+// deeper pipeline's Appends go to run (shallow). Both commit everywhere.
+func TestReplicaServesQueueDepth1Inline(t *testing.T) {
+	c := newRCluster(t, 2, false)
+	defer c.close()
+	c.promote("n1")
+	c.quiesce("n1", "n2")
+	var acks, inline atomic.Int64
+	c.mu.Lock()
+	c.mu.watch = func(m *wire.Msg, inDeliver bool) {
+		if m.From == "n2" && m.Type == wire.TypeAppendResp {
+			acks.Add(1)
+			if inDeliver {
+				inline.Add(1)
+			}
+		}
+	}
+	c.mu.Unlock()
+	p := c.rep("n1")
+	var m rmodel
+	for i := range 50 {
+		writeBlocks(t, p, &m, i%rblocks, 1, byte(i+1))
+	}
+	// A tick of either replica may hold its loop at the wrong moment and
+	// send one write's message through run; nearly all go inline.
+	if a, n := acks.Load(), inline.Load(); a < 50 || n < a*9/10 {
+		t.Errorf("n2 sent %d acks, %d of them inline on the delivering goroutine; want at least 50, nearly all inline", a, n)
+	}
+	// Concurrent writers: deep Appends go through run, and still commit.
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for k := range 20 {
+				if err := p.Write(context.Background(), bytes.Repeat([]byte{byte(w*20 + k + 1)}, rbs), int64((w*8+k%8)*rbs), false); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	c.quiesce("n1", "n2")
 }
