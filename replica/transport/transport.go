@@ -250,7 +250,7 @@ func (t *TCP) Send(m *wire.Msg) {
 		return
 	}
 	f := wire.Encode(m)
-	if m.To == t.cfg.Self && t.directLocal(p, f) || m.To != t.cfg.Self && t.direct(p, f) {
+	if p.id == t.cfg.Self && t.directLocal(p, f) || p.id != t.cfg.Self && t.direct(p, f) {
 		return
 	}
 	p.queued.Add(1)
@@ -266,14 +266,25 @@ func (t *TCP) Send(m *wire.Msg) {
 // the messages to Self in order (see peer) and no local delivery runs; it
 // reports whether it did.
 func (t *TCP) directLocal(p *peer, f []byte) bool {
-	if p.queued.Load() != 0 || !p.wmu.TryLock() {
+	if !p.lockIdle() {
 		return false
 	}
 	defer p.wmu.Unlock()
-	if p.queued.Load() != 0 {
+	t.deliverLocal(f)
+	return true
+}
+
+// lockIdle takes p.wmu if it is free and nothing sent to p waits on q (see
+// peer: the condition for a direct send or delivery), and reports whether
+// it did.
+func (p *peer) lockIdle() bool {
+	if p.queued.Load() != 0 || !p.wmu.TryLock() {
 		return false
 	}
-	t.deliverLocal(f)
+	if p.queued.Load() != 0 {
+		p.wmu.Unlock()
+		return false
+	}
 	return true
 }
 
@@ -297,12 +308,12 @@ func (t *TCP) deliverLocal(f []byte) {
 // writer as p.rest (a full socket buffer, or an error the writer will meet
 // and handle as its own).
 func (t *TCP) direct(p *peer, f []byte) bool {
-	if p.queued.Load() != 0 || !p.wmu.TryLock() {
+	if !p.lockIdle() {
 		return false
 	}
 	defer p.wmu.Unlock()
 	oc := p.oc
-	if oc == nil || oc.rc == nil || p.rest != nil || p.queued.Load() != 0 {
+	if oc == nil || oc.rc == nil || p.rest != nil {
 		return false
 	}
 	if now := time.Now(); now.After(p.deadline.Add(-t.cfg.WriteTimeout / 2)) {
