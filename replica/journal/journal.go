@@ -8,11 +8,15 @@ import (
 	"hash/crc32"
 	"io"
 	"log/slog"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
+	"time"
+	"unsafe"
 
 	"github.com/cockroachdb/pebble/vfs"
 )
@@ -129,6 +133,7 @@ type Journal struct {
 	log     *slog.Logger
 	lock    io.Closer
 	dirf    vfs.File // for fsyncs of the directory
+	raw     bool     // small writes may be raw system calls (see writeAt)
 
 	closed atomic.Bool
 	last   atomic.Uint64 // mirrors mu.last
@@ -144,6 +149,7 @@ type Journal struct {
 		dirDirty bool       // a segment was created since the last directory fsync
 		last     uint64     // opnum of the last appended record
 		buf      []byte     // record assembly buffer
+		rawOff   time.Time  // no raw writes before (see writeAt)
 	}
 
 	// tab maps ids to live segments for readers, so that ReadAt never waits
@@ -194,6 +200,7 @@ func (j *Journal) path(id uint64) string { return j.fs.PathJoin(j.dir, segName(i
 // are cut and what is ErrCorrupt.
 func Open(fs vfs.FS, dir string, opts Options) (*Journal, error) {
 	j := &Journal{fs: fs, dir: dir, segSize: opts.SegmentSize, recycle: opts.Recycle, log: opts.Logger}
+	j.raw = fs == vfs.Default // its files are os.Files: nothing of ours in the write path
 	if j.segSize <= 0 {
 		j.segSize = DefaultSegmentSize
 	}
@@ -889,7 +896,7 @@ func (j *Journal) AppendBatch(rs []*Record, pos []Pos) ([]Pos, error) {
 			encodeRecord(b[at:], r, segTag(s.id))
 			at += int64(HeaderSize + len(r.Data) + len(r.Aux))
 		}
-		if _, err := s.f.WriteAt(b, off); err != nil {
+		if err := j.writeAt(s, b, off); err != nil {
 			return pos, j.failedWriteLocked(s, off, err)
 		}
 		if invariants {
@@ -952,7 +959,7 @@ func (j *Journal) appendLocked(r *Record) (Pos, error) {
 		}
 		b = b[:n]
 		encodeRecord(b, r, segTag(s.id))
-		_, werr = s.f.WriteAt(b, off)
+		werr = j.writeAt(s, b, off)
 	} else {
 		// A large record is written in place, piece by piece, rather than
 		// copied: the crc still tells a torn record from a whole one.
@@ -1312,4 +1319,57 @@ func (j *Journal) Close() error {
 		errs = append(errs, fmt.Errorf("journal: unlock %s: %w", j.dir, err))
 	}
 	return errors.Join(errs...)
+}
+
+// Raw writes (writeAt). A write call that takes longer than rawSlow turns
+// them off for rawPause.
+const (
+	rawMax   = 256 << 10
+	rawPause = 10 * time.Second
+)
+
+var rawSlow = 2 * time.Millisecond // a variable for tests
+
+// writeAt writes b at off in s's file.
+//
+// On vfs.Default, a write of up to rawMax bytes is a raw pwrite(2) (syscall.RawSyscall6)
+// rather than an ordinary one: an ordinary system call made while the
+// process is idle wakes the Go runtime's sysmon thread, which costs two
+// or more context switches and tens of microseconds of CPU per op at
+// queue depth 1 on a VM (see package target/sockio, which does the same
+// for sockets). A raw call keeps its P for its whole duration; a
+// page-cache write normally takes microseconds, but the kernel may
+// throttle it (dirty-page limits, reclaim) for up to hundreds of
+// milliseconds, and meanwhile the P runs nothing else and a GC
+// stop-the-world waits for it. So the first raw write that takes longer
+// than rawSlow switches the journal to ordinary calls for rawPause.
+// REQUIRES: j.mu.
+func (j *Journal) writeAt(s *segment, b []byte, off int64) error {
+	fd := vfs.InvalidFd
+	if j.raw && len(b) > 0 && len(b) <= rawMax && !j.mu.rawOff.After(time.Now()) {
+		fd = s.f.Fd()
+	}
+	if fd == vfs.InvalidFd {
+		_, err := s.f.WriteAt(b, off)
+		return err
+	}
+	start := time.Now()
+	for len(b) > 0 {
+		n, _, e := syscall.RawSyscall6(syscall.SYS_PWRITE64, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(off), 0, 0)
+		switch {
+		case e == syscall.EINTR:
+			continue
+		case e != 0:
+			return &os.PathError{Op: "pwrite", Path: s.path, Err: e}
+		case n == 0:
+			return &os.PathError{Op: "pwrite", Path: s.path, Err: io.ErrShortWrite}
+		}
+		b = b[n:]
+		off += int64(n)
+	}
+	if d := time.Since(start); d > rawSlow {
+		j.mu.rawOff = start.Add(d + rawPause)
+		j.log.Debug("journal: slow page-cache write; ordinary system calls for a while", "took", d, "pause", rawPause)
+	}
+	return nil
 }

@@ -40,7 +40,8 @@
 //     really sent, and never more than wire.MaxBody), decodes it with
 //     wire.Decode and calls Deliver. A malformed frame, a bad checksum or
 //     a wrong magic or version closes that connection only, logged once
-//     at Warn and counted in Stats.BadFrames.
+//     at Warn and counted in Stats.BadFrames. Reads and writes on the
+//     connections are raw system calls (package target/sockio).
 //   - A message to Config.Self is delivered locally, without TCP: by Send
 //     itself when nothing queued for Self waits and no local delivery
 //     runs (so a Send to Self may call Deliver on the caller's
@@ -77,11 +78,11 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
 	"stor.dev/stor/ctl/api"
 	"stor.dev/stor/replica/wire"
+	"stor.dev/stor/target/sockio"
 )
 
 // Errors.
@@ -176,7 +177,7 @@ type peer struct {
 // outConn is a writer's connection.
 type outConn struct {
 	c  net.Conn
-	rc syscall.RawConn // for direct sends; nil: none
+	sc *sockio.Conn // for direct sends
 	w  *bufio.Writer
 }
 
@@ -313,7 +314,7 @@ func (t *TCP) direct(p *peer, f []byte) bool {
 	}
 	defer p.wmu.Unlock()
 	oc := p.oc
-	if oc == nil || oc.rc == nil || p.rest != nil {
+	if oc == nil || p.rest != nil {
 		return false
 	}
 	if now := time.Now(); now.After(p.deadline.Add(-t.cfg.WriteTimeout / 2)) {
@@ -322,24 +323,15 @@ func (t *TCP) direct(p *peer, f []byte) bool {
 			return false // the writer meets it
 		}
 	}
-	n := 0
-	rerr := oc.rc.Write(func(fd uintptr) bool {
-		for n < len(f) {
-			m, err := syscall.Write(int(fd), f[n:])
-			if err == syscall.EINTR {
-				continue
-			}
-			if err != nil || m <= 0 {
-				return true // EAGAIN: the writer waits for room; else it meets the error
-			}
-			n += m
-		}
-		return true
-	})
-	if n == len(f) && rerr == nil {
+	n, err := oc.sc.TryWrite(f)
+	if errors.Is(err, sockio.ErrNoRaw) {
+		return false
+	}
+	if n == len(f) && err == nil {
 		t.stats.sent.Add(1)
 		return true
 	}
+	// A full socket, or an error the writer will meet and handle.
 	p.rest = f[n:]
 	select {
 	case p.wake <- struct{}{}:
@@ -593,12 +585,8 @@ func (t *TCP) dial(id api.NodeID) (*outConn, error) {
 		c.Close()
 		return nil, ErrClosed
 	}
-	oc := &outConn{c: c, w: bufio.NewWriterSize(c, bufSize)}
-	if sc, ok := c.(syscall.Conn); ok {
-		if rc, err := sc.SyscallConn(); err == nil {
-			oc.rc = rc
-		}
-	}
+	sc := sockio.New(c)
+	oc := &outConn{c: c, sc: sc, w: bufio.NewWriterSize(rawWriter{sc}, bufSize)}
 	return oc, nil
 }
 
@@ -686,7 +674,7 @@ func (t *TCP) runAccept() {
 func (t *TCP) runReader(c net.Conn) {
 	defer t.wg.Done()
 	defer t.untrack(c)
-	r := bufio.NewReaderSize(c, bufSize)
+	r := bufio.NewReaderSize(rawReader{sockio.New(c)}, bufSize)
 	var hdr [wire.HeaderSize]byte
 	for {
 		if _, err := io.ReadFull(r, hdr[:]); err != nil {
@@ -711,6 +699,21 @@ func (t *TCP) runReader(c net.Conn) {
 		t.stats.received.Add(1)
 		t.cfg.Deliver(m)
 	}
+}
+
+// rawReader reads a connection with raw system calls (see package sockio).
+type rawReader struct{ sc *sockio.Conn }
+
+func (r rawReader) Read(p []byte) (int, error) { return r.sc.Read(p, 0, nil) }
+
+// rawWriter writes a connection with raw system calls (see package sockio).
+type rawWriter struct{ sc *sockio.Conn }
+
+func (w rawWriter) Write(b []byte) (int, error) {
+	if err := w.sc.Write(b); err != nil {
+		return 0, err
+	}
+	return len(b), nil
 }
 
 func (t *TCP) bad(c net.Conn, err error) {

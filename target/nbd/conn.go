@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"stor.dev/stor/target"
+	"stor.dev/stor/target/sockio"
 )
 
 const (
@@ -55,6 +56,7 @@ const (
 type conn struct {
 	s      *Server
 	nc     net.Conn
+	sc     *sockio.Conn // nc's raw reads and writes (transmission)
 	remote string
 	// ctx is the context of the connection's catalog and device calls. It
 	// is cancelled Config.DrainTimeout after shutdown, so a device that never
@@ -126,7 +128,7 @@ func (sl *slot) payload(n int) []byte {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	c := &conn{s: s, nc: nc, remote: nc.RemoteAddr().String()}
+	c := &conn{s: s, nc: nc, sc: sockio.New(nc), remote: nc.RemoteAddr().String()}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	for i := range c.lat {
 		// Start on the workers; go inline once requests prove fast.
@@ -195,7 +197,7 @@ func (c *conn) serve() {
 	log.Info("nbd: export attached", "size", sess.geo.Size, "block_size", sess.geo.BlockSize,
 		"read_only", sess.geo.ReadOnly, "structured", sess.structured, "base_allocation", sess.meta)
 
-	br.Reset(newSpinReader(c.nc, c.s.cfg.SpinRead, func() bool { return c.queued.Load() == 0 }))
+	br.Reset(&spinReader{sc: c.sc, spin: c.s.cfg.SpinRead, idle: func() bool { return c.queued.Load() == 0 }})
 	reason := c.transmit(br)
 	if err := sess.dev.Close(); err != nil {
 		log.Warn("nbd: closing device", "err", err)
@@ -449,7 +451,7 @@ func (c *conn) flush() {
 // REQUIRES: the caller set c.wmu.writing.
 func (c *conn) writeLoop(b []byte, owned bool) {
 	for {
-		_, err := c.nc.Write(b)
+		err := c.sc.Write(b)
 		c.wmu.Lock()
 		if err != nil {
 			if !c.broken.Swap(true) {
