@@ -896,7 +896,7 @@ func (j *Journal) AppendBatch(rs []*Record, pos []Pos) ([]Pos, error) {
 			encodeRecord(b[at:], r, segTag(s.id))
 			at += int64(HeaderSize + len(r.Data) + len(r.Aux))
 		}
-		if err := j.writeAt(s, b, off); err != nil {
+		if err := j.writev(s, off, b); err != nil {
 			return pos, j.failedWriteLocked(s, off, err)
 		}
 		if invariants {
@@ -959,17 +959,13 @@ func (j *Journal) appendLocked(r *Record) (Pos, error) {
 		}
 		b = b[:n]
 		encodeRecord(b, r, segTag(s.id))
-		werr = j.writeAt(s, b, off)
+		werr = j.writev(s, off, b)
 	} else {
 		// A large record is written in place, piece by piece, rather than
 		// copied: the crc still tells a torn record from a whole one.
 		var h [HeaderSize]byte
 		encodeHeader(h[:], r, segTag(s.id))
-		if _, werr = s.f.WriteAt(h[:], off); werr == nil {
-			if _, werr = s.f.WriteAt(r.Data, off+HeaderSize); werr == nil && len(r.Aux) > 0 {
-				_, werr = s.f.WriteAt(r.Aux, off+HeaderSize+int64(len(r.Data)))
-			}
-		}
+		werr = j.writev(s, off, h[:], r.Data, r.Aux)
 	}
 	if werr != nil {
 		return Pos{}, j.failedWriteLocked(s, off, werr)
@@ -1321,53 +1317,89 @@ func (j *Journal) Close() error {
 	return errors.Join(errs...)
 }
 
-// Raw writes (writeAt). A write call that takes longer than rawSlow turns
-// them off for rawPause.
+// Raw writes (writev). A write call of n bytes that takes longer than
+// rawSlow + n * rawSlowPerMiB / 1 MiB turns them off for rawPause (1 MiB
+// into pages the page cache does not hold yet takes up to ~2.3 ms here).
 const (
-	rawMax   = 256 << 10
+	rawMax   = 2 << 20
 	rawPause = 10 * time.Second
 )
 
-var rawSlow = 2 * time.Millisecond // a variable for tests
+var ( // variables for tests
+	rawSlow       = 2 * time.Millisecond
+	rawSlowPerMiB = 4 * time.Millisecond
+)
 
-// writeAt writes b at off in s's file.
+// writev writes the concatenation of bs at off in s's file.
 //
-// On vfs.Default, a write of up to rawMax bytes is a raw pwrite(2) (syscall.RawSyscall6)
-// rather than an ordinary one: an ordinary system call made while the
-// process is idle wakes the Go runtime's sysmon thread, which costs two
-// or more context switches and tens of microseconds of CPU per op at
-// queue depth 1 on a VM (see package target/sockio, which does the same
-// for sockets). A raw call keeps its P for its whole duration; a
-// page-cache write normally takes microseconds, but the kernel may
-// throttle it (dirty-page limits, reclaim) for up to hundreds of
-// milliseconds, and meanwhile the P runs nothing else and a GC
+// On vfs.Default, a write of up to rawMax bytes is a raw pwritev(2)
+// (syscall.RawSyscall6) rather than an ordinary system call: an ordinary
+// one made while the process is idle wakes the Go runtime's sysmon thread
+// (two or more context switches and tens of microseconds of CPU per op at
+// queue depth 1 on a VM; package target/sockio does the same for
+// sockets), and one that lasts over 20 µs (a 1 MiB write into the page
+// cache takes ~0.6 ms here) makes sysmon hand the P to another thread and
+// keep polling every 20 µs. A raw call keeps its P for its whole duration;
+// a page-cache write normally takes microseconds to a millisecond, but the
+// kernel may throttle it (dirty-page limits, reclaim) for up to hundreds
+// of milliseconds, and meanwhile the P runs nothing else and a GC
 // stop-the-world waits for it. So the first raw write that takes longer
-// than rawSlow switches the journal to ordinary calls for rawPause.
+// than it should switches the journal to ordinary calls for rawPause.
 // REQUIRES: j.mu.
-func (j *Journal) writeAt(s *segment, b []byte, off int64) error {
+func (j *Journal) writev(s *segment, off int64, bs ...[]byte) error {
+	var iov [3]syscall.Iovec
+	n, total, fits := 0, 0, true
+	for _, b := range bs {
+		switch {
+		case len(b) == 0:
+		case n == len(iov):
+			fits = false
+		default:
+			iov[n].Base = &b[0]
+			iov[n].SetLen(len(b))
+			n++
+		}
+		total += len(b)
+	}
 	fd := vfs.InvalidFd
-	if j.raw && len(b) > 0 && len(b) <= rawMax && !j.mu.rawOff.After(time.Now()) {
+	if j.raw && fits && total <= rawMax && !j.mu.rawOff.After(time.Now()) {
 		fd = s.f.Fd()
 	}
-	if fd == vfs.InvalidFd {
-		_, err := s.f.WriteAt(b, off)
-		return err
+	if fd == vfs.InvalidFd || total == 0 {
+		for _, b := range bs {
+			if _, err := s.f.WriteAt(b, off); err != nil {
+				return err
+			}
+			off += int64(len(b))
+		}
+		return nil
 	}
 	start := time.Now()
-	for len(b) > 0 {
-		n, _, e := syscall.RawSyscall6(syscall.SYS_PWRITE64, fd, uintptr(unsafe.Pointer(&b[0])), uintptr(len(b)), uintptr(off), 0, 0)
+	vs := iov[:n]
+	for len(vs) > 0 {
+		k, _, e := syscall.RawSyscall6(syscall.SYS_PWRITEV, fd, uintptr(unsafe.Pointer(&vs[0])), uintptr(len(vs)),
+			uintptr(off), 0, 0) // pos_l, pos_h (64-bit: pos_l is the offset)
 		switch {
 		case e == syscall.EINTR:
 			continue
 		case e != 0:
-			return &os.PathError{Op: "pwrite", Path: s.path, Err: e}
-		case n == 0:
-			return &os.PathError{Op: "pwrite", Path: s.path, Err: io.ErrShortWrite}
+			return &os.PathError{Op: "pwritev", Path: s.path, Err: e}
+		case k == 0:
+			return &os.PathError{Op: "pwritev", Path: s.path, Err: io.ErrShortWrite}
 		}
-		b = b[n:]
-		off += int64(n)
+		off += int64(k)
+		for k > 0 { // drop what was written
+			if l := uintptr(vs[0].Len); k >= l {
+				k -= l
+				vs = vs[1:]
+			} else {
+				vs[0].Base = (*byte)(unsafe.Add(unsafe.Pointer(vs[0].Base), k))
+				vs[0].Len -= uint64(k)
+				k = 0
+			}
+		}
 	}
-	if d := time.Since(start); d > rawSlow {
+	if d := time.Since(start); d > rawSlow+time.Duration(int64(rawSlowPerMiB)*int64(total)>>20) {
 		j.mu.rawOff = start.Add(d + rawPause)
 		j.log.Debug("journal: slow page-cache write; ordinary system calls for a while", "took", d, "pause", rawPause)
 	}

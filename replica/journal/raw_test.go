@@ -16,9 +16,9 @@ func TestRawWrites(t *testing.T) {
 	for _, slow := range []bool{false, true} {
 		t.Run(map[bool]string{false: "raw", true: "after a slow write"}[slow], func(t *testing.T) {
 			if slow {
-				old := rawSlow
-				rawSlow = -1 // every raw write is slow: the first turns them off
-				t.Cleanup(func() { rawSlow = old })
+				old, oldPerMiB := rawSlow, rawSlowPerMiB
+				rawSlow, rawSlowPerMiB = -1, 0 // every raw write is slow: the first turns them off
+				t.Cleanup(func() { rawSlow, rawSlowPerMiB = old, oldPerMiB })
 			}
 			dir := t.TempDir()
 			j := openT(t, vfs.Default, dir, Options{SegmentSize: 4 << 20})
