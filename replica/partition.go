@@ -165,7 +165,7 @@ func openPartition(ctx context.Context, pkey uint64, meta *metastore.DB, store e
 	p.mu.shardSz = make(map[uint64]int64)
 	p.mu.deadAt = make(map[container]uint64)
 	p.keep.Store(math.MaxUint64)
-	j, err := journal.Open(o.FS, o.Dir, journal.Options{SegmentSize: o.SegmentSize, Logger: p.log})
+	j, err := journal.Open(o.FS, o.Dir, journal.Options{SegmentSize: o.SegmentSize, Logger: p.log, Prezero: true})
 	if err != nil {
 		return nil, fmt.Errorf("replica: partition %016x: %w", pkey, err)
 	}

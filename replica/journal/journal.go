@@ -62,6 +62,10 @@ type Options struct {
 	Recycle int
 	// Logger receives recovery facts (cut tails). Nil discards.
 	Logger *slog.Logger
+	// Prezero: while the journal is synced often, keep a zero-filled
+	// file in the pool, made in the background, and leave a new (sparse)
+	// active segment for it early (see prezeroFile). Off with Recycle < 0.
+	Prezero bool
 }
 
 // SegmentInfo describes one segment.
@@ -92,6 +96,9 @@ type segment struct {
 	refs atomic.Int32
 	size atomic.Int64 // bytes of valid records; grows only under Journal.mu
 
+	// sparse: created (truncated to size) rather than taken from the pool,
+	// so appends allocate its blocks. Set at create, then immutable.
+	sparse bool
 	// tagged: every record in the file from this use of it carries the
 	// segment's tag (version 2), so the file may be reused. Set at open or
 	// create, then immutable.
@@ -133,7 +140,14 @@ type Journal struct {
 	log     *slog.Logger
 	lock    io.Closer
 	dirf    vfs.File // for fsyncs of the directory
-	raw     bool     // small writes may be raw system calls (see writeAt)
+	raw     bool     // small writes may be raw system calls (see writev)
+	prezero bool     // Options.Prezero
+
+	// Sync calls per one-second window (a hint: racy by design).
+	syncs   struct{ start, n, prev atomic.Int64 }
+	zeroing atomic.Bool    // the prezero goroutine runs
+	zeroID  atomic.Uint64  // names zero-filled files: zeroBase + n
+	zeroWG  sync.WaitGroup // the prezero goroutine; Close waits
 
 	closed atomic.Bool
 	last   atomic.Uint64 // mirrors mu.last
@@ -201,6 +215,7 @@ func (j *Journal) path(id uint64) string { return j.fs.PathJoin(j.dir, segName(i
 func Open(fs vfs.FS, dir string, opts Options) (*Journal, error) {
 	j := &Journal{fs: fs, dir: dir, segSize: opts.SegmentSize, recycle: opts.Recycle, log: opts.Logger}
 	j.raw = fs == vfs.Default // its files are os.Files: nothing of ours in the write path
+	j.prezero = opts.Prezero && opts.Recycle >= 0
 	if j.segSize <= 0 {
 		j.segSize = DefaultSegmentSize
 	}
@@ -505,6 +520,8 @@ func (j *Journal) createSegmentNoSync(id uint64) (*segment, error) {
 	}
 	j.presize(f)
 	s.f = f
+	s.sparse = true
+	j.maybePrezero()
 	return s, nil
 }
 
@@ -932,7 +949,8 @@ func (j *Journal) appendableLocked(r *Record) error {
 // past it).
 // REQUIRES: j.mu
 func (j *Journal) segmentForAppendLocked() (*segment, error) {
-	if off := j.mu.active.size.Load(); off > 0 && off >= j.segSize {
+	a := j.mu.active
+	if off := a.size.Load(); off > 0 && (off >= j.segSize || a.sparse && j.prezero && j.syncHeavy() && j.poolReady()) {
 		if _, err := j.rotateLocked(); err != nil {
 			return nil, err
 		}
@@ -1293,6 +1311,9 @@ func (j *Journal) Close() error {
 	j.mu.Unlock()
 	j.pool.Lock()
 	j.pool.closed = true
+	j.pool.Unlock()
+	j.zeroWG.Wait() // it sees pool.closed, stops, and deletes its file
+	j.pool.Lock()
 	free := j.pool.free
 	j.pool.free = nil
 	j.pool.reserved -= len(free)
@@ -1404,4 +1425,135 @@ func (j *Journal) writev(s *segment, off int64, bs ...[]byte) error {
 		j.log.Debug("journal: slow page-cache write; ordinary system calls for a while", "took", d, "pause", rawPause)
 	}
 	return nil
+}
+
+// Zero-filled files (Options.Prezero). An fdatasync after appends into a
+// new segment (sparse: truncated to size) must also commit the file
+// system's allocation of the blocks written; into blocks already written
+// it is a data write and a cache flush. On the test VM (ext4 on virtio),
+// 4 KiB writes each followed by an NBD FLUSH ran at 1.3-1.4k/s (fsync p50
+// 540-600 µs) into new segments and at 1.9k/s (360 µs) into zero-filled
+// ones. Recycled files are written already; zero-filled ones stand in
+// when the pool runs dry, but only while syncs are frequent: a journal
+// that grows under large writes would pay a second write of every new
+// segment for nothing.
+const (
+	zeroBase   = 0xfffe_0000_0000_0000 // ids of zero-filled files, above any segment's
+	zeroChunk  = 1 << 20
+	heavySyncs = 20 // Sync calls in a second that make the journal "synced often"
+)
+
+// noteSync counts a Sync call in the current one-second window.
+func (j *Journal) noteSync() {
+	now := time.Now().UnixNano()
+	w := &j.syncs
+	if start := w.start.Load(); now-start > int64(time.Second) && w.start.CompareAndSwap(start, now) {
+		n := w.n.Swap(0)
+		if now-start > 2*int64(time.Second) {
+			n = 0
+		}
+		w.prev.Store(n)
+	}
+	w.n.Add(1)
+}
+
+// syncHeavy reports whether the current or the previous second saw
+// heavySyncs Sync calls.
+func (j *Journal) syncHeavy() bool {
+	w := &j.syncs
+	if time.Now().UnixNano()-w.start.Load() > 2*int64(time.Second) {
+		return false
+	}
+	return w.n.Load() >= heavySyncs || w.prev.Load() >= heavySyncs
+}
+
+// poolReady reports whether the pool holds a file.
+func (j *Journal) poolReady() bool {
+	j.pool.Lock()
+	defer j.pool.Unlock()
+	return len(j.pool.free) > 0
+}
+
+// maybePrezero starts the prezero goroutine if the journal is synced
+// often, the pool is empty and none runs.
+func (j *Journal) maybePrezero() {
+	if !j.prezero || !j.syncHeavy() || j.poolReady() || !j.zeroing.CompareAndSwap(false, true) {
+		return
+	}
+	j.pool.Lock()
+	closed := j.pool.closed
+	if !closed {
+		j.zeroWG.Add(1) // under pool's lock: Close sets closed, then waits
+	}
+	j.pool.Unlock()
+	if closed {
+		j.zeroing.Store(false)
+		return
+	}
+	go func() {
+		defer j.zeroWG.Done()
+		defer j.zeroing.Store(false)
+		if err := j.prezeroFile(); err != nil {
+			j.log.Warn("journal: cannot make a zero-filled segment file", "err", err)
+		}
+	}()
+}
+
+// prezeroFile writes a segment-sized file of zeros (as a .tmp file, which
+// Open deletes), fsyncs it and puts it in the pool, whose Open deletes
+// too. It gives up, deleting the file, when the pool closes.
+func (j *Journal) prezeroFile() error {
+	if !j.reserveFree() {
+		return nil
+	}
+	id := zeroBase + j.zeroID.Add(1)
+	tmp := j.path(id) + tmpSuffix
+	free := j.fs.PathJoin(j.dir, fmt.Sprintf("%016x%s", id, freeSuffix))
+	inPool := false
+	defer func() {
+		if !inPool {
+			j.pool.Lock()
+			j.pool.reserved--
+			j.pool.Unlock()
+			j.fs.Remove(tmp)
+		}
+	}()
+	f, err := j.fs.Create(tmp)
+	if err != nil {
+		return err
+	}
+	zeros := make([]byte, zeroChunk)
+	for off := int64(0); off < j.segSize; off += zeroChunk {
+		if j.poolClosed() {
+			f.Close()
+			return nil
+		}
+		if _, err := f.WriteAt(zeros[:min(zeroChunk, j.segSize-off)], off); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := j.fs.Rename(tmp, free); err != nil {
+		return err
+	}
+	if err := j.dirf.Sync(); err != nil {
+		j.fs.Remove(free)
+		return err
+	}
+	inPool = true
+	j.putFree(free)
+	return nil
+}
+
+func (j *Journal) poolClosed() bool {
+	j.pool.Lock()
+	defer j.pool.Unlock()
+	return j.pool.closed
 }

@@ -15,10 +15,12 @@ import (
 func TestRawWrites(t *testing.T) {
 	for _, slow := range []bool{false, true} {
 		t.Run(map[bool]string{false: "raw", true: "after a slow write"}[slow], func(t *testing.T) {
+			old, oldPerMiB := rawSlow, rawSlowPerMiB
+			t.Cleanup(func() { rawSlow, rawSlowPerMiB = old, oldPerMiB })
 			if slow {
-				old, oldPerMiB := rawSlow, rawSlowPerMiB
 				rawSlow, rawSlowPerMiB = -1, 0 // every raw write is slow: the first turns them off
-				t.Cleanup(func() { rawSlow, rawSlowPerMiB = old, oldPerMiB })
+			} else {
+				rawSlow = time.Minute // a loaded machine must not turn them off here
 			}
 			dir := t.TempDir()
 			j := openT(t, vfs.Default, dir, Options{SegmentSize: 4 << 20})

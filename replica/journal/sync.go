@@ -18,6 +18,10 @@ func (j *Journal) Sync(ctx context.Context) error {
 	if j.closed.Load() {
 		return ErrClosed
 	}
+	if j.prezero {
+		j.noteSync()
+		j.maybePrezero()
+	}
 	return j.syncTo(ctx, j.last.Load())
 }
 
