@@ -32,6 +32,8 @@ import (
 	"syscall"
 
 	"github.com/cockroachdb/pebble/vfs"
+
+	"stor.dev/stor/replica/fileio"
 )
 
 // Errors.
@@ -73,8 +75,9 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Local is a ShardStore on one directory.
 type Local struct {
-	fs  vfs.FS
-	dir string
+	fs    vfs.FS
+	dir   string
+	valve fileio.Valve // raw preads while they are fast
 
 	mu struct {
 		sync.Mutex
@@ -232,7 +235,7 @@ func (l *Local) ReadAt(ctx context.Context, id ShardID, p []byte, off int64) err
 				n = bhi - at
 			}
 			dst := p[at-off : at-off+n]
-			if err := readFull(s, dst, at); err != nil {
+			if err := l.readFull(s, dst, at); err != nil {
 				return fmt.Errorf("erasure: read %v: %w", id, err)
 			}
 			for i := int64(0); i < n; i += crcBlock {
@@ -246,7 +249,7 @@ func (l *Local) ReadAt(ctx context.Context, id ShardID, p []byte, off int64) err
 		}
 		var tmp [crcBlock]byte
 		blk := tmp[:bhi-blo]
-		if err := readFull(s, blk, blo); err != nil {
+		if err := l.readFull(s, blk, blo); err != nil {
 			return fmt.Errorf("erasure: read %v: %w", id, err)
 		}
 		if crc32.Checksum(blk, castagnoli) != s.crcs[b] {
@@ -258,8 +261,8 @@ func (l *Local) ReadAt(ctx context.Context, id ShardID, p []byte, off int64) err
 	return nil
 }
 
-func readFull(s *openShard, p []byte, off int64) error {
-	n, err := s.f.ReadAt(p, off)
+func (l *Local) readFull(s *openShard, p []byte, off int64) error {
+	n, err := l.valve.ReadAt(s.f, p, off)
 	if n == len(p) {
 		return nil
 	}

@@ -19,6 +19,8 @@ import (
 	"unsafe"
 
 	"github.com/cockroachdb/pebble/vfs"
+
+	"stor.dev/stor/replica/fileio"
 )
 
 // Errors the journal returns, alone or wrapped with %w and the facts.
@@ -139,9 +141,10 @@ type Journal struct {
 	recycle int // most files in pool
 	log     *slog.Logger
 	lock    io.Closer
-	dirf    vfs.File // for fsyncs of the directory
-	raw     bool     // small writes may be raw system calls (see writev)
-	prezero bool     // Options.Prezero
+	dirf    vfs.File     // for fsyncs of the directory
+	raw     bool         // small writes may be raw system calls (see writev)
+	prezero bool         // Options.Prezero
+	rv      fileio.Valve // ReadAt's raw preads while they are fast
 
 	// Sync calls per one-second window (a hint: racy by design).
 	syncs   struct{ start, n, prev atomic.Int64 }
@@ -1122,7 +1125,11 @@ func (j *Journal) ReadAt(p []byte, pos Pos) error {
 	if pos.Off < HeaderSize || pos.Off > s.size.Load()-int64(len(p)) {
 		return fmt.Errorf("%w: segment %016x offset %d length %d", ErrRange, pos.Seg, pos.Off, len(p))
 	}
-	if n, err := s.f.ReadAt(p, pos.Off); n != len(p) {
+	fd := fileio.InvalidFd
+	if j.raw {
+		fd = s.f.Fd() // open while we hold s
+	}
+	if n, err := j.rv.ReadAtFd(s.f, fd, p, pos.Off); n != len(p) {
 		if err == nil || errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
