@@ -95,21 +95,9 @@ func (c *Conn) Write(b []byte) error {
 	}
 	n, errno := 0, syscall.Errno(0)
 	rerr := c.rc.Write(func(fd uintptr) bool {
-		for n < len(b) {
-			var k int
-			k, errno = rawIO(syscall.SYS_WRITE, fd, b[n:])
-			switch errno {
-			case 0:
-				n += k
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				errno = 0
-				return false // park until writable
-			default:
-				return true
-			}
-		}
-		return true
+		var full bool
+		full, errno = writeSome(fd, b, &n)
+		return !full // full: park until writable
 	})
 	return c.writeErr(rerr, errno)
 }
@@ -123,23 +111,28 @@ func (c *Conn) TryWrite(b []byte) (int, error) {
 	}
 	n, errno := 0, syscall.Errno(0)
 	rerr := c.rc.Write(func(fd uintptr) bool {
-		for n < len(b) {
-			var k int
-			k, errno = rawIO(syscall.SYS_WRITE, fd, b[n:])
-			switch errno {
-			case 0:
-				n += k
-			case syscall.EINTR:
-			case syscall.EAGAIN:
-				errno = 0
-				return true // full: the caller decides
-			default:
-				return true
-			}
-		}
+		_, errno = writeSome(fd, b, &n) // full: the caller decides
 		return true
 	})
 	return n, c.writeErr(rerr, errno)
+}
+
+// writeSome writes b[*n:] to fd, advancing *n, until all is written, the
+// socket is full, or another error.
+func writeSome(fd uintptr, b []byte, n *int) (full bool, errno syscall.Errno) {
+	for *n < len(b) {
+		k, e := rawIO(syscall.SYS_WRITE, fd, b[*n:])
+		switch e {
+		case 0:
+			*n += k
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return true, 0
+		default:
+			return false, e
+		}
+	}
+	return false, 0
 }
 
 // ErrNoRaw is TryWrite's answer on a Conn without a raw descriptor.
