@@ -33,7 +33,7 @@ import (
 
 	"github.com/cockroachdb/pebble/vfs"
 
-	"stor.dev/stor/replica/fileio"
+	"stor.dev/stor/erasure/fileio"
 )
 
 // Errors.

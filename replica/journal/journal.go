@@ -20,7 +20,7 @@ import (
 
 	"github.com/cockroachdb/pebble/vfs"
 
-	"stor.dev/stor/replica/fileio"
+	"stor.dev/stor/erasure/fileio"
 )
 
 // Errors the journal returns, alone or wrapped with %w and the facts.
