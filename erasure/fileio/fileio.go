@@ -1,5 +1,5 @@
 // Package fileio reads files with raw system calls (syscall.RawSyscall6)
-// while they are fast.
+// while they are fast, and decides for other raw file calls (Valve).
 //
 // Why: an ordinary system call that lasts over 20 µs (a 1 MiB pread from
 // the page cache takes 100-250 µs on the test VM) makes the Go runtime's
@@ -88,21 +88,21 @@ func (v *Valve) pread(fd uintptr, p []byte, off int64) (int, syscall.Errno) {
 		case e == syscall.EINTR:
 			continue
 		case e != 0:
-			v.timed(start, len(p))
+			v.Timed(start, len(p))
 			return n, e
 		case k == 0:
-			v.timed(start, len(p))
+			v.Timed(start, len(p))
 			return n, 0 // end of file
 		}
 		n += int(k)
 	}
-	v.timed(start, len(p))
+	v.Timed(start, len(p))
 	return n, 0
 }
 
-// timed turns raw calls off if a call of n bytes that began at start was
-// slow.
-func (v *Valve) timed(start time.Time, n int) {
+// Timed turns raw calls off if a raw call of n bytes that began at start
+// was slow, for callers that make their own raw calls.
+func (v *Valve) Timed(start time.Time, n int) {
 	if d := time.Since(start); d > Slow+time.Duration(int64(SlowPerMiB)*int64(n)>>20) {
 		v.off.Store(start.Add(d + Pause).UnixNano())
 	}

@@ -145,6 +145,7 @@ type Journal struct {
 	raw     bool         // small writes may be raw system calls (see writev)
 	prezero bool         // Options.Prezero
 	rv      fileio.Valve // ReadAt's raw preads while they are fast
+	wv      fileio.Valve // writev's raw writes while they are fast
 
 	// Sync calls per one-second window (a hint: racy by design).
 	syncs   struct{ start, n, prev atomic.Int64 }
@@ -166,7 +167,6 @@ type Journal struct {
 		dirDirty bool       // a segment was created since the last directory fsync
 		last     uint64     // opnum of the last appended record
 		buf      []byte     // record assembly buffer
-		rawOff   time.Time  // no raw writes before (see writeAt)
 	}
 
 	// tab maps ids to live segments for readers, so that ReadAt never waits
@@ -1345,18 +1345,8 @@ func (j *Journal) Close() error {
 	return errors.Join(errs...)
 }
 
-// Raw writes (writev). A write call of n bytes that takes longer than
-// rawSlow + n * rawSlowPerMiB / 1 MiB turns them off for rawPause (1 MiB
-// into pages the page cache does not hold yet takes up to ~2.3 ms here).
-const (
-	rawMax   = 2 << 20
-	rawPause = 10 * time.Second
-)
-
-var ( // variables for tests
-	rawSlow       = 2 * time.Millisecond
-	rawSlowPerMiB = 4 * time.Millisecond
-)
+// rawMax is the largest raw write (writev).
+const rawMax = 2 << 20
 
 // writev writes the concatenation of bs at off in s's file.
 //
@@ -1372,7 +1362,9 @@ var ( // variables for tests
 // kernel may throttle it (dirty-page limits, reclaim) for up to hundreds
 // of milliseconds, and meanwhile the P runs nothing else and a GC
 // stop-the-world waits for it. So the first raw write that takes longer
-// than it should switches the journal to ordinary calls for rawPause.
+// than it should switches the journal to ordinary calls for a while
+// (j.wv: fileio's thresholds; 1 MiB into pages the page cache does not
+// hold yet takes up to ~2.3 ms here).
 // REQUIRES: j.mu.
 func (j *Journal) writev(s *segment, off int64, bs ...[]byte) error {
 	var iov [3]syscall.Iovec
@@ -1390,7 +1382,7 @@ func (j *Journal) writev(s *segment, off int64, bs ...[]byte) error {
 		total += len(b)
 	}
 	fd := vfs.InvalidFd
-	if j.raw && fits && total <= rawMax && !j.mu.rawOff.After(time.Now()) {
+	if j.raw && fits && total <= rawMax && j.wv.On() {
 		fd = s.f.Fd()
 	}
 	if fd == vfs.InvalidFd || total == 0 {
@@ -1427,9 +1419,8 @@ func (j *Journal) writev(s *segment, off int64, bs ...[]byte) error {
 			}
 		}
 	}
-	if d := time.Since(start); d > rawSlow+time.Duration(int64(rawSlowPerMiB)*int64(total)>>20) {
-		j.mu.rawOff = start.Add(d + rawPause)
-		j.log.Debug("journal: slow page-cache write; ordinary system calls for a while", "took", d, "pause", rawPause)
+	if j.wv.Timed(start, total); !j.wv.On() {
+		j.log.Debug("journal: slow page-cache write; ordinary system calls for a while", "took", time.Since(start))
 	}
 	return nil
 }

@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/vfs"
+
+	"stor.dev/stor/erasure/fileio"
 )
 
 // TestRawWrites: on vfs.Default, records of every size around rawMax,
@@ -15,12 +17,12 @@ import (
 func TestRawWrites(t *testing.T) {
 	for _, slow := range []bool{false, true} {
 		t.Run(map[bool]string{false: "raw", true: "after a slow write"}[slow], func(t *testing.T) {
-			old, oldPerMiB := rawSlow, rawSlowPerMiB
-			t.Cleanup(func() { rawSlow, rawSlowPerMiB = old, oldPerMiB })
+			old, oldPerMiB := fileio.Slow, fileio.SlowPerMiB
+			t.Cleanup(func() { fileio.Slow, fileio.SlowPerMiB = old, oldPerMiB })
 			if slow {
-				rawSlow, rawSlowPerMiB = -1, 0 // every raw write is slow: the first turns them off
+				fileio.Slow, fileio.SlowPerMiB = -1, 0 // every raw write is slow: the first turns them off
 			} else {
-				rawSlow = time.Minute // a loaded machine must not turn them off here
+				fileio.Slow = time.Minute // a loaded machine must not turn them off here
 			}
 			dir := t.TempDir()
 			j := openT(t, vfs.Default, dir, Options{SegmentSize: 4 << 20})
@@ -52,7 +54,7 @@ func TestRawWrites(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			if got := j.mu.rawOff.After(time.Now()); got != slow {
+			if got := !j.wv.On(); got != slow {
 				t.Fatalf("raw writes off: %v, want %v", got, slow)
 			}
 			for i, r := range want {
