@@ -16,9 +16,13 @@ package replica
 //	   v
 //	Reply ok: done. Reject or no Reply within AttemptTimeout: next attempt.
 //
-// The Client starts no goroutine: each call runs in its caller's goroutine
-// and waits on its own channel, which Deliver (called by the transport)
-// fills without blocking. A Client needs no Close.
+// Each call runs in its caller's goroutine and waits on its own channel,
+// which Deliver (called by the transport) fills without blocking. WriteAsync
+// is the exception: it sends its first attempt and returns, and the
+// accepted Reply ends it inside Deliver, so the acknowledgement crosses no
+// goroutine; anything else (a Reject, a timeout, ctx ending) goes on on a
+// goroutine started then, exactly as a Write would. A Client needs no
+// Close.
 //
 // # Protocol (wire.TypeRequest / wire.TypeReply)
 //
@@ -144,7 +148,7 @@ type Client struct {
 		primary  api.NodeID // believed primary ("" unknown)
 		epoch    api.Epoch  // its epoch
 		replicas []api.NodeID
-		calls    map[uint64]chan *wire.Msg
+		calls    map[uint64]*call
 	}
 }
 
@@ -174,7 +178,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	c.prefix = uint64(max(rand.Uint32(), 1)) << 32
 	c.mu.primary = cfg.Replicas[0]
 	c.mu.replicas = cfg.Replicas
-	c.mu.calls = make(map[uint64]chan *wire.Msg)
+	c.mu.calls = make(map[uint64]*call)
 	return c, nil
 }
 
@@ -211,21 +215,35 @@ func (c *Client) Stats() ClientStats {
 
 // Deliver hands the Client a message from the transport: a Reply to one of
 // its calls (anything else is ignored). It never blocks; the message
-// becomes the Client's.
+// becomes the Client's. An accepted Reply to a WriteAsync call still in
+// its first attempt ends the call here: its done runs on this goroutine.
 func (c *Client) Deliver(m *wire.Msg) {
 	if m.Type != wire.TypeReply || m.Partition != c.cfg.Partition || m.From == "" {
 		return
 	}
 	c.mu.Lock()
 	c.learnLocked(m)
-	ch := c.mu.calls[m.ReqID]
-	c.mu.Unlock()
-	if ch == nil {
-		return // a late or duplicate Reply
+	cl := c.mu.calls[m.ReqID]
+	fast := cl != nil && cl.done != nil && cl.claim()
+	if fast && !m.Reject() {
+		delete(c.mu.calls, m.ReqID)
 	}
-	select {
-	case ch <- m:
+	c.mu.Unlock()
+	switch {
+	case cl == nil:
+		// a late or duplicate Reply
+	case fast:
+		cl.stop()
+		if !m.Reject() {
+			cl.done(c.accepted(cl, m))
+			return
+		}
+		go c.finishAsync(cl, m, false) // a Reject: retry as do does
 	default:
+		select {
+		case cl.ch <- m:
+		default:
+		}
 	}
 }
 
@@ -262,6 +280,58 @@ func (c *Client) Write(ctx context.Context, data []byte, off int64, fua bool) er
 		return c.Flush(ctx)
 	}
 	return nil
+}
+
+// WriteAsync is Write that does not wait: it sends the write and returns,
+// and done gets Write's result once, on any goroutine, perhaps before
+// WriteAsync returns. data must stay unchanged until then (a retry sends
+// it again). done must not block: it may run on the transport's delivery
+// path, under the local Replica's loop. A write that needs more than one
+// Request, or a flush (fua), runs Write on a goroutine of its own.
+//
+// What the asynchronous call saves is a goroutine hand-off: the accepted
+// Reply of its first attempt ends it on the goroutine that delivers the
+// Reply (see Deliver). Everything else (a Reject, no Reply within
+// AttemptTimeout, ctx ending) moves it to a goroutine that goes on as Write
+// does, under the same request id.
+func (c *Client) WriteAsync(ctx context.Context, data []byte, off int64, fua bool, done func(error)) {
+	if len(data) > MaxRequest || fua {
+		go func() { done(c.Write(ctx, data, off, fua)) }()
+		return
+	}
+	if len(data) == 0 {
+		done(nil)
+		return
+	}
+	cl, err := c.begin(ctx, wire.KindWrite, off, int64(len(data)), data, func(_ *wire.Msg, err error) { done(err) })
+	if err != nil {
+		done(err)
+		return
+	}
+	// The first attempt's timeout and ctx watch are set, and its Request
+	// made, under cl.mu: whoever claims the call takes cl.mu (stop) before
+	// it touches the call, so it waits for both and comes after the
+	// Request read the attempt's fields (a Reply that crossed TCP shows
+	// the race detector no such order).
+	cl.mu.Lock()
+	cl.timer = time.AfterFunc(c.cfg.AttemptTimeout, func() {
+		if cl.claim() {
+			cl.stop()
+			c.timeouts.Add(1)
+			c.finishAsync(cl, nil, true)
+		}
+	})
+	cl.stopCtx = context.AfterFunc(ctx, func() {
+		if cl.claim() {
+			cl.stop()
+			c.forget(cl)
+			cl.done(nil, cl.fail(ctx.Err()))
+		}
+	})
+	m := c.request(cl)
+	cl.mu.Unlock()
+	c.attempts.Add(1)
+	c.cfg.Send(m)
 }
 
 // WriteZeroes makes [off, off+n) read as zeros; with fua it then flushes.
@@ -311,95 +381,180 @@ func (c *Client) ReadAt(ctx context.Context, buf []byte, off int64) error {
 	return nil
 }
 
-// do runs one Request to completion: it returns the accepted Reply, or an
-// error (see the rules in the file doc).
-func (c *Client) do(ctx context.Context, kind wire.Kind, off, n int64, data []byte) (*wire.Msg, error) {
-	id := c.prefix | uint64(c.seq.Add(1))
+// call is one Request in flight, from begin to forget: its id and op, and
+// the attempt under way. The attempt fields are owned by whoever runs the
+// call (do's goroutine; for an asynchronous call, whoever claimed it).
+type call struct {
+	id      uint64
+	ctx     context.Context
+	kind    wire.Kind
+	off, n  int64
+	data    []byte
+	ch      chan *wire.Msg // Replies, for whoever runs the call
+	cli     *Client
+	backoff time.Duration
+
+	to        api.NodeID // the current attempt's target
+	epoch     api.Epoch  // and the epoch it was sent at
+	dead      api.NodeID // the last target that timed out
+	deadEpoch api.Epoch  // at this epoch
+
+	// An asynchronous call (WriteAsync): done ends it. Until claimed,
+	// its first attempt waits for Deliver, timer or the ctx watch; the
+	// first of them to claim it runs it from there.
+	done    func(*wire.Msg, error)
+	claimed atomic.Bool
+	mu      sync.Mutex // held by WriteAsync while it sets timer and stopCtx (see there)
+	timer   *time.Timer
+	stopCtx func() bool
+}
+
+// claim reports whether the caller is the first to claim the call.
+func (cl *call) claim() bool { return cl.claimed.CompareAndSwap(false, true) }
+
+// stop stops the first attempt's timer and ctx watch (either may be the
+// caller).
+func (cl *call) stop() {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	cl.timer.Stop()
+	cl.stopCtx()
+}
+
+func (cl *call) fail(err error) error {
+	return fmt.Errorf("replica: client %s partition %d %s [%d,+%d) request %016x: %w",
+		cl.cli.cfg.Self, cl.cli.cfg.Partition, cl.kind, cl.off, cl.n, cl.id, err)
+}
+
+// begin checks a Request and registers its call, addressed to the
+// believed primary; the caller sends it. done is nil but for WriteAsync.
+func (c *Client) begin(ctx context.Context, kind wire.Kind, off, n int64, data []byte, done func(*wire.Msg, error)) (*call, error) {
 	if off < 0 || (kind != wire.KindFlush && n <= 0) {
 		return nil, fmt.Errorf("%w: %s [%d,+%d)", target.ErrInvalid, kind, off, n)
 	}
 	c.requests.Add(1)
-	ch := make(chan *wire.Msg, replyBuffer)
+	cl := &call{id: c.prefix | uint64(c.seq.Add(1)), ctx: ctx, kind: kind, off: off, n: n, data: data,
+		ch: make(chan *wire.Msg, replyBuffer), cli: c, backoff: c.cfg.Backoff, done: done}
 	c.mu.Lock()
-	c.mu.calls[id] = ch
-	to, epoch := c.mu.primary, c.mu.epoch
+	c.mu.calls[cl.id] = cl
+	cl.to, cl.epoch = c.mu.primary, c.mu.epoch
 	c.mu.Unlock()
-	defer func() {
-		c.mu.Lock()
-		delete(c.mu.calls, id)
-		c.mu.Unlock()
-	}()
-	fail := func(err error) error {
-		return fmt.Errorf("replica: client %s partition %d %s [%d,+%d) request %016x: %w",
-			c.cfg.Self, c.cfg.Partition, kind, off, n, id, err)
+	if cl.to == "" {
+		cl.to = c.after("")
 	}
-	if to == "" {
-		to = c.after("")
+	return cl, nil
+}
+
+// forget unregisters a call: later Replies to it are dropped.
+func (c *Client) forget(cl *call) {
+	c.mu.Lock()
+	delete(c.mu.calls, cl.id)
+	c.mu.Unlock()
+}
+
+// send sends the call's current attempt.
+func (c *Client) send(cl *call) {
+	c.attempts.Add(1)
+	c.cfg.Send(c.request(cl))
+}
+
+// request is the Request of the call's current attempt.
+func (c *Client) request(cl *call) *wire.Msg {
+	return &wire.Msg{Type: wire.TypeRequest, Kind: cl.kind, Epoch: cl.epoch, Partition: c.cfg.Partition,
+		ReqID: cl.id, From: c.cfg.Self, To: cl.to, Off: cl.off, Len: cl.n, Data: cl.data}
+}
+
+// do runs one Request to completion: it returns the accepted Reply, or an
+// error (see the rules in the file doc).
+func (c *Client) do(ctx context.Context, kind wire.Kind, off, n int64, data []byte) (*wire.Msg, error) {
+	cl, err := c.begin(ctx, kind, off, n, data, nil)
+	if err != nil {
+		return nil, err
 	}
-	var (
-		timer     = time.NewTimer(c.cfg.AttemptTimeout)
-		backoff   = c.cfg.Backoff
-		dead      api.NodeID // the last target that timed out
-		deadEpoch api.Epoch  // at this epoch
-	)
+	defer c.forget(cl)
+	c.send(cl)
+	return c.run(cl, nil, false)
+}
+
+// finishAsync runs an asynchronous call that was claimed with m (a Reject)
+// or with its first attempt timed out, to its end, and calls done.
+func (c *Client) finishAsync(cl *call, m *wire.Msg, timedOut bool) {
+	res, err := c.run(cl, m, timedOut)
+	c.forget(cl)
+	cl.done(res, err)
+}
+
+// accepted is the call's result for an accepted Reply m.
+func (c *Client) accepted(cl *call, m *wire.Msg) (*wire.Msg, error) {
+	if m.Kind != cl.kind {
+		return nil, cl.fail(fmt.Errorf("%w: a %s reply from %s", ErrBadReply, m.Kind, m.From))
+	}
+	return m, nil
+}
+
+// run waits for the outcome of the call's attempt under way, which has
+// been sent, and retries until the call ends: it returns the accepted
+// Reply or an error (see the rules in the file doc). The attempt's first
+// event may be given: a Reply m, or that it timed out.
+func (c *Client) run(cl *call, m *wire.Msg, timedOut bool) (*wire.Msg, error) {
+	ctx := cl.ctx
+	timer := time.NewTimer(c.cfg.AttemptTimeout)
 	defer timer.Stop()
 	for {
-		c.attempts.Add(1)
-		c.cfg.Send(&wire.Msg{Type: wire.TypeRequest, Kind: kind, Epoch: epoch, Partition: c.cfg.Partition,
-			ReqID: id, From: c.cfg.Self, To: to, Off: off, Len: n, Data: data})
-		timer.Reset(c.cfg.AttemptTimeout)
-	wait:
-		for {
+		if m == nil && !timedOut {
 			select {
-			case m := <-ch:
-				if !m.Reject() {
-					if m.Kind != kind {
-						return nil, fail(fmt.Errorf("%w: a %s reply from %s", ErrBadReply, m.Kind, m.From))
-					}
-					return m, nil
-				}
-				if m.From != to {
-					continue // an older attempt's
-				}
-				c.rejects.Add(1)
-				var reason RejectReason
-				if len(m.Data) > 0 {
-					reason = RejectReason(m.Data[0])
-				}
-				switch reason {
-				case RejectInvalid:
-					return nil, fail(fmt.Errorf("%w: refused by %s", target.ErrInvalid, m.From))
-				case RejectIO:
-					return nil, fail(fmt.Errorf("%w: primary %s could not read", target.ErrIO, m.From))
-				}
-				c.log.Debug("request rejected", "req", id, "by", m.From, "reason", reason, "epoch", m.Epoch, "peers", m.Peers)
-				break wait
+			case m = <-cl.ch:
 			case <-timer.C:
 				c.timeouts.Add(1)
-				c.log.Debug("request timed out", "req", id, "to", to, "epoch", epoch)
-				dead, deadEpoch = to, epoch
-				break wait
+				timedOut = true
 			case <-ctx.Done():
-				return nil, fail(ctx.Err())
+				return nil, cl.fail(ctx.Err())
 			}
+		}
+		if m != nil {
+			r := m
+			m = nil
+			if !r.Reject() {
+				return c.accepted(cl, r)
+			}
+			if r.From != cl.to {
+				continue // an older attempt's
+			}
+			c.rejects.Add(1)
+			var reason RejectReason
+			if len(r.Data) > 0 {
+				reason = RejectReason(r.Data[0])
+			}
+			switch reason {
+			case RejectInvalid:
+				return nil, cl.fail(fmt.Errorf("%w: refused by %s", target.ErrInvalid, r.From))
+			case RejectIO:
+				return nil, cl.fail(fmt.Errorf("%w: primary %s could not read", target.ErrIO, r.From))
+			}
+			c.log.Debug("request rejected", "req", cl.id, "by", r.From, "reason", reason, "epoch", r.Epoch, "peers", r.Peers)
+		} else {
+			c.log.Debug("request timed out", "req", cl.id, "to", cl.to, "epoch", cl.epoch)
+			cl.dead, cl.deadEpoch = cl.to, cl.epoch
+			timedOut = false
 		}
 		// Next attempt: the believed primary if it is news, else the next
 		// replica round the set.
 		p, e := c.Route()
-		news := p != "" && (p != to || e != epoch) && (p != dead || e > deadEpoch)
-		if news {
-			to, epoch = p, e
-			continue
+		if p != "" && (p != cl.to || e != cl.epoch) && (p != cl.dead || e > cl.deadEpoch) {
+			cl.to, cl.epoch = p, e
+		} else {
+			cl.to, cl.epoch = c.after(cl.to), e
+			t := time.NewTimer(cl.backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return nil, cl.fail(ctx.Err())
+			}
+			cl.backoff = min(2*cl.backoff, MaxRetryBackoff)
 		}
-		to, epoch = c.after(to), e
-		t := time.NewTimer(backoff)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, fail(ctx.Err())
-		}
-		backoff = min(2*backoff, MaxRetryBackoff)
+		c.send(cl)
+		timer.Reset(c.cfg.AttemptTimeout)
 	}
 }
 

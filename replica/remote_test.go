@@ -165,6 +165,124 @@ func TestRemoteClientErrors(t *testing.T) {
 	}
 }
 
+// TestRemoteClientWriteAsync: WriteAsync retries as Write does, under one
+// request id, and calls done exactly once: on the delivering goroutine when
+// the first attempt is accepted, after retries, or with the error (an
+// invalid request, a reply of the wrong kind, ctx ending, which ends the
+// call at once even while the attempt has long to go); a flush (fua) or a
+// write over MaxRequest takes the Write path.
+func TestRemoteClientWriteAsync(t *testing.T) {
+	var mode atomic.Uint32 // 0: the retry script; 1 accept; 2 invalid; 3 wrong kind; 4 silence
+	s := newScripted(t, func(m *wire.Msg, nth int) *wire.Msg {
+		switch mode.Load() {
+		case 1:
+			return &wire.Msg{Epoch: 3, Index: api.OpNum(nth)}
+		case 2:
+			return &wire.Msg{Flags: wire.FlagReject, Epoch: 3, Data: []byte{byte(RejectInvalid)}}
+		case 3:
+			return &wire.Msg{Epoch: 3, Kind: wire.KindTrim}
+		case 4:
+			return nil
+		}
+		switch {
+		case m.To != "b" || m.Epoch != 3:
+			return &wire.Msg{Flags: wire.FlagReject, Epoch: 3, Data: []byte{byte(RejectNotPrimary)}, Peers: []api.NodeID{"b"}}
+		case nth == 2:
+			return nil // lost
+		}
+		return &wire.Msg{Epoch: 3, Index: 11}
+	})
+	var calls atomic.Int32
+	async := func(ctx context.Context, data []byte, off int64, fua bool) (err error, inline bool) {
+		ch := make(chan error, 2)
+		returned := false
+		var inl bool
+		var mu sync.Mutex
+		s.cl.WriteAsync(ctx, data, off, fua, func(err error) {
+			calls.Add(1)
+			mu.Lock()
+			inl = !returned
+			mu.Unlock()
+			ch <- err
+		})
+		mu.Lock()
+		returned = true
+		mu.Unlock()
+		err = <-ch
+		mu.Lock()
+		defer mu.Unlock()
+		return err, inl
+	}
+	ctx := context.Background()
+	if err, _ := async(ctx, []byte("data"), 4096, false); err != nil {
+		t.Fatal(err)
+	}
+	at := s.attempts()
+	var route []string
+	for _, m := range at {
+		route = append(route, fmt.Sprintf("%s@%d", m.To, m.Epoch))
+		if m.ReqID != at[0].ReqID || string(m.Data) != "data" {
+			t.Fatalf("attempt %v differs from the first %v", m, at[0])
+		}
+	}
+	if got, want := fmt.Sprint(route), "[a@0 b@3 c@3 a@3 b@3]"; got != want {
+		t.Fatalf("attempts went to %s, want %s", got, want)
+	}
+
+	mode.Store(1)
+	if err, inline := async(ctx, []byte("more"), 0, false); err != nil || !inline {
+		t.Fatalf("accepted at once: err %v, done on the delivering goroutine %v", err, inline)
+	}
+	before := len(s.attempts())
+	if err, _ := async(ctx, []byte("flushed"), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	if err, _ := async(ctx, make([]byte, MaxRequest+4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	at = s.attempts()[before:]
+	if len(at) != 4 || at[0].Kind != wire.KindWrite || at[1].Kind != wire.KindFlush || at[2].Len != MaxRequest || at[3].Len != 4096 {
+		t.Fatalf("fua and split writes sent %v", at)
+	}
+	if err, _ := async(ctx, nil, 0, false); err != nil {
+		t.Fatalf("empty write: %v", err)
+	}
+	if err, _ := async(ctx, []byte("x"), -4096, false); !errors.Is(err, target.ErrInvalid) {
+		t.Fatalf("negative offset: %v", err)
+	}
+
+	mode.Store(2)
+	if err, _ := async(ctx, []byte("data"), 0, false); !errors.Is(err, target.ErrInvalid) {
+		t.Fatalf("refused as invalid: %v", err)
+	}
+	mode.Store(3)
+	if err, _ := async(ctx, []byte("data"), 0, false); !errors.Is(err, ErrBadReply) {
+		t.Fatalf("a trim's reply: %v", err)
+	}
+
+	// No answer: the attempt would time out in 50 ms, the call never
+	// ends but with ctx, which ends it at once (a minute-long attempt).
+	mode.Store(4)
+	slow, err := NewClient(ClientConfig{Self: "c1", Partition: 7, Replicas: []api.NodeID{"a"}, Send: s.send, AttemptTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.cl = slow
+	cctx, cancel := context.WithCancel(ctx)
+	time.AfterFunc(20*time.Millisecond, cancel)
+	start := time.Now()
+	if err, _ := async(cctx, []byte("data"), 0, false); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled: %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("the cancelled call took %v", d)
+	}
+	time.Sleep(200 * time.Millisecond) // anything late would call done again
+	if n := calls.Load(); n != 9 {
+		t.Fatalf("done called %d times for 9 calls", n)
+	}
+}
+
 // tcpNet is the replicas of an rcluster, and client endpoints, on real TCP
 // transports on 127.0.0.1.
 type tcpNet struct {
@@ -292,7 +410,11 @@ func testRemoteFailover(t *testing.T, cut bool) {
 			for range 200 / writers {
 				b, d := block(wr)
 				b = b - b%writers + int64(w)
-				err := cl.Write(ctx, d, b*rbs, false)
+				write := cl.Write
+				if w%2 == 1 {
+					write = writeAsync(cl)
+				}
+				err := write(ctx, d, b*rbs, false)
 				mu.Lock()
 				if err != nil {
 					errs = append(errs, fmt.Errorf("write block %d: %w", b, err))
@@ -337,7 +459,11 @@ func testRemoteFailover(t *testing.T, cut bool) {
 			default:
 			}
 			b, d := block(wrng)
-			if err := cl.Write(ctx, d, b*rbs, false); err != nil {
+			wr := cl.Write // and every other write asynchronous
+			if len(acked)%2 == 1 {
+				wr = writeAsync(cl)
+			}
+			if err := wr(ctx, d, b*rbs, false); err != nil {
 				done <- fmt.Errorf("write block %d: %w", b, err)
 				return
 			}
@@ -396,6 +522,15 @@ func testRemoteFailover(t *testing.T, cut bool) {
 		t.Fatal(err)
 	}
 	checkImage(t, "n3's partition", buf, model)
+}
+
+// writeAsync returns cl's WriteAsync as a call that waits for done.
+func writeAsync(cl *Client) func(ctx context.Context, data []byte, off int64, fua bool) error {
+	return func(ctx context.Context, data []byte, off int64, fua bool) error {
+		ch := make(chan error, 2)
+		cl.WriteAsync(ctx, data, off, fua, func(err error) { ch <- err })
+		return <-ch
+	}
 }
 
 // checkRemoteBlocks reads every block of model through cl, one by one, and

@@ -85,6 +85,17 @@ type BlockDevice interface {
 	Geometry() Geometry
 }
 
+// AsyncWriter is implemented by devices that can start a write without
+// waiting for it: a protocol server then needs no goroutine per write in
+// flight, and the device's completion can send the reply itself.
+type AsyncWriter interface {
+	// WriteAtAsync starts WriteAt(ctx, p, off, fua) and calls done with its
+	// result exactly once, on any goroutine, perhaps before it returns.
+	// p must stay unchanged until done is called. done must not block:
+	// it may run on the device's own delivery path.
+	WriteAtAsync(ctx context.Context, p []byte, off int64, fua bool, done func(error))
+}
+
 // ExtentKind says what backs a range of a device.
 type ExtentKind uint8
 

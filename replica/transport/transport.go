@@ -46,7 +46,12 @@
 //     itself when nothing queued for Self waits and no local delivery
 //     runs (so a Send to Self may call Deliver on the caller's
 //     goroutine), else through the same kind of queue and goroutine, so
-//     a Send to Self from inside Deliver never waits for Deliver.
+//     a Send to Self from inside Deliver never waits for Deliver. Replies
+//     (wire.TypeReply) to Self are the exception: Send delivers them at
+//     once, on the caller's goroutine, even from inside another local
+//     delivery. They answer requests by id and their receivers (volume
+//     clients) take them in any order without blocking, and a local
+//     primary's answer then reaches its client with no goroutine hand-off.
 //
 // # Rules
 //
@@ -57,7 +62,8 @@
 //     owners.
 //   - Deliver is called from reader goroutines (and the local one, and
 //     Send to Self), concurrently across connections, in order within one
-//     connection and among the messages to Self.
+//     connection and among the messages to Self (Replies to Self
+//     excepted: see above).
 //     The message and its Data are the callee's to keep. Deliver must not
 //     block for long (it stalls that connection) and must not call Close.
 //   - Ordering: frames from one transport to another arrive in Send order
@@ -251,7 +257,11 @@ func (t *TCP) Send(m *wire.Msg) {
 		return
 	}
 	f := wire.Encode(m)
-	if p.id == t.cfg.Self && t.directLocal(p, f) || p.id != t.cfg.Self && t.direct(p, f) {
+	switch {
+	case p.id == t.cfg.Self && m.Type == wire.TypeReply:
+		t.deliverLocal(f) // see the package doc: Replies to Self
+		return
+	case p.id == t.cfg.Self && t.directLocal(p, f) || p.id != t.cfg.Self && t.direct(p, f):
 		return
 	}
 	p.queued.Add(1)

@@ -604,3 +604,41 @@ func TestDeliverToSelfInline(t *testing.T) {
 		}
 	}
 }
+
+// A Reply to Self is delivered on the sender's goroutine before Send
+// returns, also from inside another local delivery (where any other
+// message is queued), as a copy: the sender may reuse its Data at once.
+func TestReplyToSelfInline(t *testing.T) {
+	dir := newDirectory()
+	var (
+		mu  sync.Mutex
+		got []string
+		tr  *TCP
+	)
+	tr, _ = start(t, dir, "a", "", func(c *Config) {
+		c.Deliver = func(m *wire.Msg) {
+			mu.Lock()
+			got = append(got, fmt.Sprintf("%s %d %s", m.Type, m.ReqID, m.Data))
+			mu.Unlock()
+			if m.Type != wire.TypeReply {
+				data := []byte("answer")
+				tr.Send(&wire.Msg{Type: wire.TypeReply, Partition: 1, ReqID: m.ReqID, From: "a", To: "a", Data: data})
+				copy(data, "reused")
+				mu.Lock()
+				last := got[len(got)-1]
+				mu.Unlock()
+				if want := fmt.Sprintf("%s %d answer", wire.TypeReply, m.ReqID); last != want {
+					t.Errorf("after the nested Send of a Reply: last delivery %q, want %q", last, want)
+				}
+			}
+		}
+	})
+	for i := range 3 {
+		tr.Send(msg(i, "a", "a"))
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 6 {
+		t.Fatalf("deliveries %q", got)
+	}
+}

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -49,7 +50,9 @@ const (
 // conn is one client connection.
 //
 // Ownership: the serve goroutine owns negotiation and reading; each request
-// is owned by one slot, which a worker owns while executing it. Replies are
+// is owned by one slot, which a worker owns while executing it (an
+// asynchronous write's: the device, until its completion has sent the
+// reply and put the slot back). Replies are
 // written under wmu, each whole in one write call (possibly with others).
 // A client that does not read its replies blocks the workers, then the
 // reader: memory stays bounded.
@@ -67,6 +70,7 @@ type conn struct {
 	// Set once the handshake ends; read-only afterwards.
 	sess   *session
 	mapper target.Mapper
+	aw     target.AsyncWriter // nil: every write runs on the reader or a worker
 
 	broken atomic.Bool // a reply write failed: the client is gone
 
@@ -86,9 +90,12 @@ type conn struct {
 
 	free    chan *slot   // idle slots; a slot is a request buffer plus a worker's turn
 	work    chan *slot   // read requests waiting for a worker
-	queued  atomic.Int32 // requests handed to c.work and not yet finished
+	queued  atomic.Int32 // requests handed to c.work or c.aw and not yet finished
 	nslots  int          // slots made so far; owned by the reader
 	workers sync.WaitGroup
+	// async counts asynchronous writes not yet answered, and writers
+	// finishing their replies in the background (see writeLoop).
+	async sync.WaitGroup
 
 	// big bounds the memory of large requests in flight: small ones are
 	// bounded by MaxInFlight*keepBuf, but 64 pipelined 32 MiB writes
@@ -114,8 +121,11 @@ type slot struct {
 	// already received, so its reply may wait in wmu.pending to leave
 	// with theirs (the reader flushes before it can block).
 	cork bool
-	buf  []byte // hdrRoom bytes of reply header room, then the payload
-	msg  [256]byte
+	// async: a write handed to c.aw, answered from its completion, which
+	// must not block (see send).
+	async bool
+	buf   []byte // hdrRoom bytes of reply header room, then the payload
+	msg   [256]byte
 }
 
 // payload returns buf resized for n payload bytes after the header room.
@@ -193,6 +203,7 @@ func (c *conn) serve() {
 	c.setDeadline(time.Time{})
 	c.sess = sess
 	c.mapper, _ = sess.dev.(target.Mapper)
+	c.aw, _ = sess.dev.(target.AsyncWriter)
 	log = log.With("export", sess.name)
 	log.Info("nbd: export attached", "size", sess.geo.Size, "block_size", sess.geo.BlockSize,
 		"read_only", sess.geo.ReadOnly, "structured", sess.structured, "base_allocation", sess.meta)
@@ -224,6 +235,7 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 	defer func() {
 		close(c.work)
 		c.workers.Wait()
+		c.async.Wait()
 		c.flush()
 	}()
 	var hdr [requestSize]byte
@@ -270,6 +282,10 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 				return err
 			}
 		}
+		if c.aw != nil && sl.req.Type == cmdWrite && sl.pre == 0 && sl.big == 0 && sl.req.Flags&cmdFlagFUA == 0 {
+			c.writeAsync(sl)
+			continue
+		}
 		more := br.Buffered() >= requestSize
 		if c.fast(&sl.req, !more && c.queued.Load() == 0) {
 			sl.cork = more
@@ -280,6 +296,33 @@ func (c *conn) transmit(br *bufio.Reader) (reason error) {
 		c.queued.Add(1)
 		c.work <- sl
 	}
+}
+
+// writeAsync hands a plain WRITE (no FUA, at most bigRequest bytes, checked)
+// to the device's AsyncWriter: its completion sends the reply and frees the
+// slot, so no worker waits for it.
+//
+// Completions queue their replies without bound (see sendNow), so the
+// reader waits here, as send would, while the queue is past maxPending: a
+// client that stops reading its replies stalls the reader, and memory stays
+// bounded by maxPending plus MaxInFlight small replies.
+func (c *conn) writeAsync(sl *slot) {
+	c.wmu.Lock()
+	for c.wmu.writing && !c.broken.Load() && len(c.wmu.pending) > maxPending {
+		c.wmu.idle.Wait()
+	}
+	c.wmu.Unlock()
+	sl.cork, sl.async = false, true
+	c.queued.Add(1)
+	c.async.Add(1)
+	r := &sl.req
+	c.aw.WriteAtAsync(c.ctx, sl.buf[hdrRoom:hdrRoom+int(r.Length)], int64(r.Offset), false, func(err error) {
+		c.reply(sl, classWrite, err)
+		sl.async = false
+		c.free <- sl // never blocks: there are at most cap(c.free) slots
+		c.queued.Add(-1)
+		c.async.Done()
+	})
 }
 
 // latKind is the index in c.lat of requests whose latency is tracked, or
@@ -411,6 +454,10 @@ func (c *conn) releaseBig(sl *slot) {
 // for their turn instead of being copied. A failed write means the client
 // is gone: the connection is closed so the reader stops too.
 func (c *conn) send(sl *slot, b []byte) {
+	if sl.async {
+		c.sendNow(b)
+		return
+	}
 	c.wmu.Lock()
 	for c.wmu.writing && !c.broken.Load() &&
 		(len(b) > maxCoalesce || len(c.wmu.pending)+len(b) > maxPending) {
@@ -427,7 +474,34 @@ func (c *conn) send(sl *slot, b []byte) {
 	}
 	c.wmu.writing = true
 	c.wmu.Unlock()
-	c.writeLoop(b, false) // then whatever is pending, corked replies included
+	c.writeLoop(b, false, false) // then whatever is pending, corked replies included
+}
+
+// sendNow is send for an asynchronous write's completion, which must not
+// block: b joins the queue of a writer at work, or is written (with what is
+// queued) as far as the socket takes it at once; a goroutine writes the
+// rest. The queue is not bounded here: asynchronous replies are small and
+// there are at most MaxInFlight of them.
+func (c *conn) sendNow(b []byte) {
+	c.wmu.Lock()
+	if c.broken.Load() {
+		c.wmu.Unlock()
+		return
+	}
+	if c.wmu.writing {
+		c.wmu.pending = append(c.wmu.pending, b...)
+		c.wmu.Unlock()
+		return
+	}
+	c.wmu.writing = true
+	owned := false
+	if len(c.wmu.pending) > 0 { // corked replies: they go first
+		b = append(c.wmu.pending, b...)
+		c.wmu.pending, c.wmu.spare = c.wmu.spare, nil
+		owned = true
+	}
+	c.wmu.Unlock()
+	c.writeLoop(b, owned, true)
 }
 
 // flush writes the replies corked in wmu.pending, unless a writer is at it
@@ -443,15 +517,35 @@ func (c *conn) flush() {
 	b := c.wmu.pending
 	c.wmu.pending, c.wmu.spare = c.wmu.spare, nil
 	c.wmu.Unlock()
-	c.writeLoop(b, true)
+	c.writeLoop(b, true, false)
 }
 
 // writeLoop writes b, then the replies queued meanwhile, until none are
 // left. owned says b is a pending buffer (to recycle), not a caller's.
+// With now it never waits for the socket: what the socket does not take
+// at once is left to a goroutine that goes on as writeLoop without now.
 // REQUIRES: the caller set c.wmu.writing.
-func (c *conn) writeLoop(b []byte, owned bool) {
+func (c *conn) writeLoop(b []byte, owned, now bool) {
 	for {
-		err := c.sc.Write(b)
+		var err error
+		if now {
+			var n int
+			n, err = c.sc.TryWrite(b)
+			if err == nil && n < len(b) || errors.Is(err, sockio.ErrNoRaw) {
+				rest := b[n:]
+				if !owned {
+					rest = bytes.Clone(rest) // the caller's: gone when we return
+				}
+				c.async.Add(1)
+				go func() {
+					defer c.async.Done()
+					c.writeLoop(rest, owned, false)
+				}()
+				return
+			}
+		} else {
+			err = c.sc.Write(b)
+		}
 		c.wmu.Lock()
 		if err != nil {
 			if !c.broken.Swap(true) {

@@ -43,6 +43,18 @@
 // Request buffers are owned by their slot and reused, so the steady state
 // allocates nothing per request.
 //
+// A device that can start a write without waiting for it
+// (target.AsyncWriter: a replicated volume's client) gets plain WRITEs (no
+// FUA, up to 1 MiB) from the reader that way, and its completion writes
+// the reply and frees the slot, on whatever goroutine the device completes
+// on: no worker waits, and a replicated write's acknowledgement leaves
+// from the goroutine that received it (on 2 vCPUs a goroutine hand-off
+// costs a wake-up of another thread, tens of microseconds). A completion
+// never blocks: its reply joins the queue of a writer at work, or is
+// written as far as the socket takes it at once and a goroutine writes the
+// rest; the reader waits before starting another write while that queue
+// is past 1 MiB, so a client that stops reading stays bounded as above.
+//
 // # Rules
 //
 //   - Handshake: fixed newstyle with NBD_FLAG_NO_ZEROES. Options EXPORT_NAME,

@@ -295,7 +295,18 @@ func (c *devCatalog) Open(ctx context.Context, name string) (target.Device, erro
 		return nil, target.ErrNotFound
 	}
 	c.open[name]++
-	return &catDevice{BlockDevice: d, c: c, name: name}, nil
+	cd := &catDevice{BlockDevice: d, c: c, name: name}
+	if _, ok := d.(target.AsyncWriter); ok {
+		return asyncCatDevice{cd}, nil
+	}
+	return cd, nil
+}
+
+// asyncCatDevice is a catDevice of a device that writes asynchronously.
+type asyncCatDevice struct{ *catDevice }
+
+func (d asyncCatDevice) WriteAtAsync(ctx context.Context, p []byte, off int64, fua bool, done func(error)) {
+	d.BlockDevice.(target.AsyncWriter).WriteAtAsync(ctx, p, off, fua, done)
 }
 
 type catDevice struct {

@@ -16,11 +16,15 @@
 //
 //	Flush --> every client's Flush, concurrently
 //
+//	WriteAtAsync (target.AsyncWriter): within one partition, its client's
+//	WriteAsync, whose completion (on the goroutine that delivers the
+//	accepted Reply) calls done; across partitions, WriteAt on a goroutine.
+//
 // Partition i covers device bytes [i*psize, (i+1)*psize); the last one may
 // be cut short by the device size. A piece is sent to its partition's
 // Client with offsets relative to the partition. A Device keeps no state
-// beyond its configuration and starts no goroutine that outlives a call,
-// so it needs no Close.
+// beyond its configuration and starts no goroutine that outlives a call
+// (WriteAtAsync's end with their done), so it needs no Close.
 //
 // # Rules
 //
@@ -77,7 +81,10 @@ type Device struct {
 	clients []*replica.Client // partition i's, in LBA order
 }
 
-var _ target.BlockDevice = (*Device)(nil)
+var (
+	_ target.BlockDevice = (*Device)(nil)
+	_ target.AsyncWriter = (*Device)(nil)
+)
 
 // NewDevice returns the Device of a volume of geometry geo split into
 // partitions of partitionSize bytes; clients[i] reaches partition i's
@@ -211,6 +218,33 @@ func (d *Device) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	return d.each(ctx, "write", off, int64(len(p)), func(ctx context.Context, c *replica.Client, pc piece) error {
 		return c.Write(ctx, p[pc.roff:pc.roff+pc.n], pc.poff, fua)
 	})
+}
+
+// WriteAtAsync is WriteAt without waiting (target.AsyncWriter): a write
+// within one partition goes to its Client's WriteAsync; one that spans
+// partitions runs WriteAt on a goroutine of its own.
+func (d *Device) WriteAtAsync(ctx context.Context, p []byte, off int64, fua bool, done func(error)) {
+	if err := d.writable(); err != nil {
+		done(err)
+		return
+	}
+	ps, err := d.split(off, int64(len(p)))
+	switch {
+	case err != nil:
+		done(err)
+	case len(ps) == 0:
+		done(nil)
+	case len(ps) > 1:
+		go func() { done(d.WriteAt(ctx, p, off, fua)) }()
+	default:
+		pc := ps[0]
+		d.clients[pc.part].WriteAsync(ctx, p, pc.poff, fua, func(err error) {
+			if err != nil {
+				err = fmt.Errorf("remote: write [%d,+%d) partition %d [%d,+%d): %w", off, len(p), pc.part, pc.poff, pc.n, err)
+			}
+			done(err)
+		})
+	}
 }
 
 // WriteZeroes makes [off, off+n) read as zeros (metadata only).

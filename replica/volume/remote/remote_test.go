@@ -439,6 +439,14 @@ func TestDeviceSplitsAtPartitions(t *testing.T) {
 		if err := d.ReadAt(ctx, make([]byte, max(tc.n, 0)), tc.off); !errors.Is(err, tc.want) {
 			t.Errorf("ReadAt(%d, %d): %v, want %v", tc.off, tc.n, err, tc.want)
 		}
+		if tc.n >= 0 {
+			if err := writeAsync(ctx, d, make([]byte, tc.n), tc.off); !errors.Is(err, tc.want) {
+				t.Errorf("WriteAtAsync(%d, %d): %v, want %v", tc.off, tc.n, err, tc.want)
+			}
+		}
+	}
+	if err := writeAsync(ctx, d, nil, 0); err != nil {
+		t.Errorf("empty asynchronous write: %v", err)
 	}
 	if err := d.Trim(ctx, 0, 0); err != nil {
 		t.Errorf("empty trim: %v", err)
@@ -447,6 +455,9 @@ func TestDeviceSplitsAtPartitions(t *testing.T) {
 	ro.ReadOnly = true
 	if err := NewDevice(ro, 4*bs4k, []*replica.Client{cl, cl, cl}).WriteAt(ctx, make([]byte, 512), 1, false); !errors.Is(err, target.ErrReadOnly) {
 		t.Errorf("write to a read-only device: %v", err)
+	}
+	if err := writeAsync(ctx, NewDevice(ro, 4*bs4k, []*replica.Client{cl, cl, cl}), make([]byte, 512), 1); !errors.Is(err, target.ErrReadOnly) {
+		t.Errorf("asynchronous write to a read-only device: %v", err)
 	}
 	for name, f := range map[string]func(){
 		"a partition size not a multiple of 4 KiB": func() { NewDevice(geo, 4*bs4k+512, []*replica.Client{cl, cl, cl}) },
@@ -462,6 +473,60 @@ func TestDeviceSplitsAtPartitions(t *testing.T) {
 			}()
 			f()
 		}()
+	}
+}
+
+// writeAsync is d.WriteAtAsync, waited for.
+func writeAsync(ctx context.Context, d *Device, p []byte, off int64) error {
+	ch := make(chan error, 2)
+	d.WriteAtAsync(ctx, p, off, false, func(err error) { ch <- err })
+	return <-ch
+}
+
+// TestDeviceWriteAtAsync: asynchronous writes within a partition and
+// across the boundary, many at once, land on the replicas and read back.
+func TestDeviceWriteAtAsync(t *testing.T) {
+	c := newCluster(t, 2)
+	const psize = 1 << 20
+	d := NewDevice(target.Geometry{Size: 2 * psize, BlockSize: 512}, psize, c.clients)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	rng := rand.New(rand.NewSource(7))
+	want := make([]byte, 2*psize)
+	type w struct {
+		off int64
+		p   []byte
+	}
+	var ws []w
+	for i := range 64 {
+		n := int64(4096 * (1 + rng.Intn(4)))
+		off := int64(i) * 32 << 10 // 32 KiB apart: disjoint
+		switch i {
+		case 31:
+			off, n = psize-8192, 16384 // across the boundary
+		case 32:
+			off = psize + 8192
+		}
+		p := make([]byte, n)
+		rng.Read(p)
+		ws = append(ws, w{off, p})
+	}
+	errs := make(chan error, len(ws))
+	for _, x := range ws {
+		copy(want[x.off:], x.p)
+		d.WriteAtAsync(ctx, x.p, x.off, false, func(err error) { errs <- err })
+	}
+	for range ws {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 2*psize)
+	if err := d.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the device does not read back what the asynchronous writes wrote")
 	}
 }
 
