@@ -10,7 +10,12 @@
 // runtime's bookkeeping but keeps its P for its whole duration: if the
 // read waits for a disk, the P runs nothing else meanwhile and a GC
 // stop-the-world waits for it. So a Valve turns raw calls off for a while
-// after one took longer than a page-cache read should.
+// after Strikes raw calls in a row took longer than a page-cache access
+// should. In a row: on a machine with more runnable threads than CPUs a
+// single call is often slow only because its thread was preempted in the
+// middle of it (a time slice is milliseconds), which says nothing about
+// the file; a disk that stalls writers (dirty-page throttling) or reads
+// stalls every call.
 package fileio
 
 import (
@@ -23,17 +28,20 @@ import (
 )
 
 // Thresholds: a raw call of n bytes is slow past Slow + n*SlowPerMiB/1MiB;
-// then raw calls are off for Pause. Variables for tests.
+// after Strikes slow ones in a row, raw calls are off for Pause. Variables
+// for tests.
 var (
 	Slow       = 2 * time.Millisecond
 	SlowPerMiB = 4 * time.Millisecond
+	Strikes    = int32(3)
 	Pause      = 10 * time.Second
 )
 
 // A Valve decides whether the reads it serves may be raw. The zero value
 // allows them. Safe for concurrent use.
 type Valve struct {
-	off atomic.Int64 // UnixNano until which raw calls are off
+	off     atomic.Int64 // UnixNano until which raw calls are off
+	strikes atomic.Int32 // slow raw calls in a row
 }
 
 // On reports whether raw calls are allowed now.
@@ -100,10 +108,19 @@ func (v *Valve) pread(fd uintptr, p []byte, off int64) (int, syscall.Errno) {
 	return n, 0
 }
 
-// Timed turns raw calls off if a raw call of n bytes that began at start
-// was slow, for callers that make their own raw calls.
+// Timed counts a raw call of n bytes that began at start, for callers that
+// make their own raw calls: the Strikes-th slow one in a row turns raw
+// calls off. (Concurrent callers may miscount a little; it is a hint.)
 func (v *Valve) Timed(start time.Time, n int) {
-	if d := time.Since(start); d > Slow+time.Duration(int64(SlowPerMiB)*int64(n)>>20) {
+	d := time.Since(start)
+	if d <= Slow+time.Duration(int64(SlowPerMiB)*int64(n)>>20) {
+		if v.strikes.Load() != 0 {
+			v.strikes.Store(0)
+		}
+		return
+	}
+	if v.strikes.Add(1) >= Strikes {
+		v.strikes.Store(0)
 		v.off.Store(start.Add(d + Pause).UnixNano())
 	}
 }

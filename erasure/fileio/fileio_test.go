@@ -55,12 +55,22 @@ func TestReadAt(t *testing.T) {
 	if !v.On() {
 		t.Fatal("fast reads turned raw reads off")
 	}
-	Slow = -time.Hour
-	_, err = v.ReadAt(f, make([]byte, 10), 0)
-	Slow = old
-	if err != nil || v.On() {
-		t.Fatalf("a slow read: err %v, raw still on %v", err, v.On())
+	// Slow reads turn raw reads off at the Strikes-th in a row; a fast
+	// one in between starts the count again.
+	for i, slow := range []bool{true, true, false, true, true, true} {
+		if slow {
+			Slow = -time.Hour
+		}
+		_, err = v.ReadAt(f, make([]byte, 10), 0)
+		Slow = time.Hour
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := i < 5; v.On() != want {
+			t.Fatalf("after read %d (slow %v): raw on %v, want %v", i, slow, v.On(), want)
+		}
 	}
+	Slow = old
 	v = Valve{}
 	f.Close()
 	if _, err := v.ReadAt(f, make([]byte, 10), 0); err == nil {

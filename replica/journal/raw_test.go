@@ -20,7 +20,7 @@ func TestRawWrites(t *testing.T) {
 			old, oldPerMiB := fileio.Slow, fileio.SlowPerMiB
 			t.Cleanup(func() { fileio.Slow, fileio.SlowPerMiB = old, oldPerMiB })
 			if slow {
-				fileio.Slow, fileio.SlowPerMiB = -1, 0 // every raw write is slow: the first turns them off
+				fileio.Slow, fileio.SlowPerMiB = -1, 0 // every raw write is slow: the Strikes-th turns them off
 			} else {
 				fileio.Slow = time.Minute // a loaded machine must not turn them off here
 			}
