@@ -45,6 +45,9 @@ const (
 	// aloneFactor scales Config.InlineBelow for a request that is alone
 	// on its connection (see fast).
 	aloneFactor = 25
+	// aloneFlushFactor scales Config.InlineBelow for a FLUSH alone on
+	// its connection (see fast).
+	aloneFlushFactor = 100
 )
 
 // conn is one client connection.
@@ -83,10 +86,10 @@ type conn struct {
 		spare   []byte    // the other pending buffer, reused
 	}
 
-	// lat holds the recent latency (ns, moving average) of READs and
-	// WRITEs, and of large READs per MiB (latKind), which decides whether
-	// they run inline on the reader.
-	lat [3]atomic.Int64
+	// lat holds the recent latency (ns, moving average) of READs,
+	// WRITEs and FLUSHes, and of large READs per MiB (latKind), which
+	// decides whether they run inline on the reader.
+	lat [4]atomic.Int64
 
 	free    chan *slot   // idle slots; a slot is a request buffer plus a worker's turn
 	work    chan *slot   // read requests waiting for a worker
@@ -327,8 +330,9 @@ func (c *conn) writeAsync(sl *slot) {
 
 // latKind is the index in c.lat of requests whose latency is tracked, or
 // -1: plain READs and WRITEs up to 1 MiB, READs of largeRead bytes or more
-// apart (latLargeRead, per MiB). FUA writes (durable, so slow on real
-// storage) and larger transfers are neither tracked nor run inline.
+// apart (latLargeRead, per MiB), FLUSHes (latFlush). FUA writes (durable,
+// so slow on real storage) and larger transfers are neither tracked nor
+// run inline.
 func latKind(r *request) int {
 	if r.Flags&cmdFlagFUA != 0 || r.Length > bigRequest {
 		return -1
@@ -340,23 +344,37 @@ func latKind(r *request) int {
 		return 0
 	case r.Type == cmdWrite:
 		return 1
+	case r.Type == cmdFlush:
+		return latFlush
 	}
 	return -1
 }
 
-const latLargeRead = 2
+const (
+	latLargeRead = 2
+	latFlush     = 3
+)
 
 // fast reports whether r should run on the reader: recent requests of its
 // kind took less than Config.InlineBelow, or, when r is alone (no other
 // request received and none on the workers: queue depth 1), less than
 // aloneFactor times that, since there is nothing to overlap it with; for a
 // large READ, recent ones took less than Config.InlineLargeReadsBelow per
-// MiB.
+// MiB. A FLUSH runs on the reader only alone, and while recent ones took
+// less than aloneFlushFactor times Config.InlineBelow (2 ms by default):
+// a client that waits for its flush (write, flush, write, ... at queue
+// depth 1) then saves the hand-off to a worker, tens of microseconds on a
+// VM, and a request that arrives during such a flush waits at most that
+// long to be read.
 func (c *conn) fast(r *request, alone bool) bool {
 	k := latKind(r)
-	if k == latLargeRead {
+	switch k {
+	case latLargeRead:
 		lim := c.s.cfg.InlineLargeReadsBelow
 		return lim > 0 && time.Duration(c.lat[k].Load()) < lim
+	case latFlush:
+		lim := c.s.cfg.InlineBelow * aloneFlushFactor
+		return alone && lim > 0 && time.Duration(c.lat[k].Load()) < lim
 	}
 	lim := c.s.cfg.InlineBelow
 	if alone {

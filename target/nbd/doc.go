@@ -25,8 +25,10 @@
 // more than the request (on 2 vCPUs under fio this doubled QD32 IOPS). A
 // request alone on its connection (queue depth 1: nothing else received,
 // nothing on the workers) runs inline under a 25 times higher bound, as
-// there is nothing to overlap it with. A slow device never runs inline, so
-// its requests keep overlapping. READs of 256 KiB up to 1 MiB have their own
+// there is nothing to overlap it with. A FLUSH runs inline only alone,
+// while recent ones took under 100 times Config.InlineBelow (2 ms by
+// default: a request arriving meanwhile waits no longer than that to be
+// read). A slow device never runs inline, so its requests keep overlapping. READs of 256 KiB up to 1 MiB have their own
 // average, per MiB, and bound (Config.InlineLargeReadsBelow, on where
 // GOMAXPROCS is 2 or less): served from memory they are CPU work, and
 // without spare CPUs serial beats parallel there too.

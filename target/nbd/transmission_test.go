@@ -712,6 +712,47 @@ func TestInlineFollowsLatency(t *testing.T) {
 	}
 }
 
+// TestInlineFlushAlone: a FLUSH runs on the reader only alone on its
+// connection and while recent ones took under aloneFlushFactor times
+// Config.InlineBelow; a stall takes it back to the workers.
+func TestInlineFlushAlone(t *testing.T) {
+	faulty := blockdevtest.NewFaulty(blockdevtest.NewMemory(target.Geometry{Size: 1 << 20, BlockSize: 512}))
+	cat := newDevCatalog()
+	cat.add("v", faulty)
+	ts := startServer(t, cat, Config{InlineBelow: 100 * time.Microsecond}) // flushes inline under 10 ms
+	c := connect(t, ts.addr, "v", false)
+	conn := ts.onlyConn(t)
+	flush := &request{Type: cmdFlush}
+	if conn.fast(flush, true) {
+		t.Fatal("a new connection runs flushes inline before measuring")
+	}
+	for i := range 100 {
+		c.request(0, cmdFlush, uint64(i), 0, 0, nil)
+		if e, cookie := c.simpleReply(); e != 0 || cookie != uint64(i) {
+			t.Fatalf("flush: errno %d cookie %d", e, cookie)
+		}
+	}
+	if !conn.fast(flush, true) || conn.fast(flush, false) {
+		t.Fatalf("at a %v average: a lone flush inline %v, one among others %v (want true, false)",
+			time.Duration(conn.lat[latFlush].Load()), conn.fast(flush, true), conn.fast(flush, false))
+	}
+	entered := faulty.Entered()
+	release := faulty.Stall()
+	c.request(0, cmdFlush, 1000, 0, 0, nil)
+	eventually(t, 10*time.Second, "stalled flush reached the device", func() bool { return faulty.Entered() == entered+1 })
+	time.Sleep(200 * time.Millisecond)
+	release()
+	c.request(0, cmdFlush, 1001, 0, 0, nil) // answered after the reader recorded the stalled one
+	for _, want := range []uint64{1000, 1001} {
+		if e, cookie := c.simpleReply(); e != 0 || cookie != want {
+			t.Fatalf("flush: errno %d cookie %d, want %d", e, cookie, want)
+		}
+	}
+	if conn.fast(flush, true) {
+		t.Errorf("flushes still inline at a %v average", time.Duration(conn.lat[latFlush].Load()))
+	}
+}
+
 // TestInlineLargeReads: READs of largeRead bytes or more have their own
 // average, per MiB, against Config.InlineLargeReadsBelow: they move onto the
 // reader once the device serves them at memory speed and back when it
