@@ -498,8 +498,8 @@ func (c *conn) send(sl *slot, b []byte) {
 // sendNow is send for an asynchronous write's completion, which must not
 // block: b joins the queue of a writer at work, or is written (with what is
 // queued) as far as the socket takes it at once; a goroutine writes the
-// rest. The queue is not bounded here: asynchronous replies are small and
-// there are at most MaxInFlight of them.
+// rest. The queue is not bounded here but by the reader, which starts no
+// asynchronous write while it is past maxPending (see writeAsync).
 func (c *conn) sendNow(b []byte) {
 	c.wmu.Lock()
 	if c.broken.Load() {
