@@ -36,6 +36,7 @@ type asyncDevice struct {
 
 type pendingWrite struct {
 	ctx  context.Context
+	stop func() bool // the ctx watch
 	err  error
 	done func(error)
 }
@@ -60,13 +61,13 @@ func (d *asyncDevice) WriteAtAsync(ctx context.Context, p []byte, off int64, fua
 	if err == nil && d.fail != nil {
 		err = d.fail(off)
 	}
-	context.AfterFunc(ctx, func() {
+	stop := context.AfterFunc(ctx, func() {
 		d.mu.Lock()
 		d.cond.Broadcast()
 		d.mu.Unlock()
 	})
 	d.mu.Lock()
-	d.q = append(d.q, pendingWrite{ctx, err, done})
+	d.q = append(d.q, pendingWrite{ctx, stop, err, done})
 	d.cond.Broadcast()
 	d.mu.Unlock()
 }
@@ -117,6 +118,7 @@ func (d *asyncDevice) run() {
 		}
 		rand.Shuffle(len(batch), func(i, j int) { batch[i], batch[j] = batch[j], batch[i] })
 		for _, w := range batch {
+			w.stop()
 			w.done(w.err)
 		}
 	}
