@@ -3,7 +3,6 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"strings"
@@ -137,17 +136,12 @@ func TestAsyncWrites(t *testing.T) {
 	c := connect(t, ts.addr, "v", false)
 	const n = 300
 	go func() {
-		var b []byte
-		for i := range n {
-			blk := make([]byte, 4096)
-			binary.BigEndian.PutUint64(blk, uint64(i))
-			var flags uint16
+		b := numberedWrites(n, func(i int) uint16 {
 			if i%10 == 0 {
-				flags = cmdFlagFUA
+				return cmdFlagFUA
 			}
-			b = appendRequest(b, request{Type: cmdWrite, Flags: flags, Cookie: uint64(i), Offset: uint64(i) * 4096, Length: 4096})
-			b = append(b, blk...)
-		}
+			return 0
+		})
 		b = appendRequest(b, request{Type: cmdWrite, Cookie: n, Offset: uint64(geo.Size), Length: 4096})
 		b = append(b, make([]byte, 4096)...)
 		c.nc.Write(b) // errors surface as missing replies
@@ -171,11 +165,7 @@ func TestAsyncWrites(t *testing.T) {
 	if got, want := dev.started.Load(), int64(n-n/10); got != want {
 		t.Fatalf("%d writes started asynchronously, want %d (the plain ones)", got, want)
 	}
-	for i := range n {
-		if got := binary.BigEndian.Uint64(c.readBack(false, 1, uint64(i)*4096, 512)); got != uint64(i) {
-			t.Fatalf("block %d holds %d", i, got)
-		}
-	}
+	checkNumbered(c, n)
 }
 
 // TestAsyncWriteErrors: a failed asynchronous write is answered with its

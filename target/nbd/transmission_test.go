@@ -345,16 +345,7 @@ func TestPipelining(t *testing.T) {
 	ts := startServer(t, cat, Config{MaxInFlight: 4})
 	c := connect(t, ts.addr, "v", false)
 	const n = 300
-	go func() {
-		var b []byte
-		for i := range n {
-			blk := make([]byte, 4096)
-			binary.BigEndian.PutUint64(blk, uint64(i))
-			b = appendRequest(b, request{Type: cmdWrite, Cookie: uint64(i), Offset: uint64(i) * 4096, Length: 4096})
-			b = append(b, blk...)
-		}
-		c.nc.Write(b) // errors surface as missing replies
-	}()
+	go c.nc.Write(numberedWrites(n, nil)) // errors surface as missing replies
 	seen := make([]bool, n)
 	for range n {
 		e, cookie := c.simpleReply()
@@ -363,9 +354,32 @@ func TestPipelining(t *testing.T) {
 		}
 		seen[cookie] = true
 	}
+	checkNumbered(c, n)
+}
+
+// numberedWrites is n pipelined 4 KiB WRITEs, write i (cookie i) at 4 KiB
+// block i holding the number i in its first 8 bytes; flags(i), if given,
+// are write i's flags.
+func numberedWrites(n int, flags func(i int) uint16) []byte {
+	var b []byte
+	for i := range n {
+		r := request{Type: cmdWrite, Cookie: uint64(i), Offset: uint64(i) * 4096, Length: 4096}
+		if flags != nil {
+			r.Flags = flags(i)
+		}
+		blk := make([]byte, 4096)
+		binary.BigEndian.PutUint64(blk, uint64(i))
+		b = append(appendRequest(b, r), blk...)
+	}
+	return b
+}
+
+// checkNumbered reads back the first n blocks numberedWrites wrote.
+func checkNumbered(c *rawClient, n int) {
+	c.t.Helper()
 	for i := range n {
 		if got := binary.BigEndian.Uint64(c.readBack(false, 1, uint64(i)*4096, 512)); got != uint64(i) {
-			t.Fatalf("block %d holds %d", i, got)
+			c.t.Fatalf("block %d holds %d", i, got)
 		}
 	}
 }
