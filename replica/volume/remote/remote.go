@@ -126,6 +126,11 @@ type piece struct {
 	n    int64
 }
 
+// wrap is err of the piece p of a request op [off, off+n).
+func (p piece) wrap(op string, off, n int64, err error) error {
+	return fmt.Errorf("remote: %s [%d,+%d) partition %d [%d,+%d): %w", op, off, n, p.part, p.poff, p.n, err)
+}
+
 // split checks [off, off+n) and cuts it at partition boundaries.
 func (d *Device) split(off, n int64) ([]piece, error) {
 	if err := d.geo.Check(off, n); err != nil {
@@ -188,7 +193,7 @@ func (d *Device) each(ctx context.Context, op string, off, n int64, fn func(ctx 
 	}
 	return run(ctx, ps, func(ctx context.Context, p piece) error {
 		if err := fn(ctx, d.clients[p.part], p); err != nil {
-			return fmt.Errorf("remote: %s [%d,+%d) partition %d [%d,+%d): %w", op, off, n, p.part, p.poff, p.n, err)
+			return p.wrap(op, off, n, err)
 		}
 		return nil
 	})
@@ -240,7 +245,7 @@ func (d *Device) WriteAtAsync(ctx context.Context, p []byte, off int64, fua bool
 		pc := ps[0]
 		d.clients[pc.part].WriteAsync(ctx, p, pc.poff, fua, func(err error) {
 			if err != nil {
-				err = fmt.Errorf("remote: write [%d,+%d) partition %d [%d,+%d): %w", off, len(p), pc.part, pc.poff, pc.n, err)
+				err = pc.wrap("write", off, int64(len(p)), err)
 			}
 			done(err)
 		})
