@@ -2,12 +2,25 @@
 # scripts/bench.d/replicated.sh — run as `scripts/bench replicated`: what
 # replication costs. One run starts a 2-node `stord run` cluster
 # (scripts/cluster-up) and Debian's nbd-server on a file, all on one
-# filesystem, and drives three targets with fio's nbd engine:
+# filesystem, and drives five targets with fio's nbd engine:
 #
 #   target      what                                                      fio connects to
 #   r2          stor volume, --replicas 2, one partition (partition = size) the partition's primary
 #   r1          stor volume, --replicas 1, one partition                   the partition's primary
 #   nbd-server  Debian's nbd-server on a sparse file (flush, fua on)       127.0.0.1
+#   floor-r2    bench.d/floor.c: a bare C NBD server that pwrites each     127.0.0.1
+#               write, forwards it to a second bare process that pwrites
+#               it too, and replies when that answers
+#   floor-r1    the same bare server without the second process            127.0.0.1
+#
+# The floor targets are not designs (no checksums, journal records, opnums
+# or epochs; blocking sockets, one request at a time): at queue depth 1
+# their r2/r1 is what the extra process hop alone costs on this machine —
+# wake-ups, system calls, loopback TCP — so the table can say how far
+# stor's r2/r1 is from the least any primary -> secondary ->
+# acknowledgement design could reach here. They do not pipeline, so their
+# QD32 figures say nothing; the floor's ratio is shown for the QD1 rows
+# only. They need a C compiler (cc).
 #
 # The primary is read from `storctl -o json volume show` and its NBD
 # address from `storctl -o json node list`, so no cell crosses a node hop
@@ -33,7 +46,8 @@
 # was). The table gives, per row and target, the median over rounds of IOPS
 # and of the p50/p99 completion latency (the fsync row: the flush's
 # latency, as scripts/bench), then the
-# ratios r2/r1 IOPS, r2/r1 p50 and r2/nbd-server IOPS, then the targets:
+# ratios r2/r1 IOPS, r2/r1 p50, r2/nbd-server IOPS and the floor's r2/r1
+# p50, then the targets (each with the floor's ratio beside it):
 #
 #   2-replica 4k randwrite QD32 IOPS >= 0.6x unreplicated   (r2/r1, row 4k-randwrite-qd32)
 #   QD1 p50 latency <= 2x unreplicated                      (r2/r1, row 4k-randwrite-qd1)
@@ -85,14 +99,14 @@ fi
 pfx=${CLUSTER_IP_PREFIX:-127.0.77}
 settle_max=${BENCH_SETTLE:-30}
 rows=(4k-randwrite-qd1 4k-randwrite-qd32 4k-randwrite-fsync)
-peers=(r2 r1 nbd-server)
+peers=(r2 r1 nbd-server floor-r2 floor-r1)
 
 [[ $runtime =~ ^[0-9]+$ && $runtime -ge 1 && $runtime -le 600 ]] || die "BENCH_RUNTIME must be 1..600 seconds"
 [[ $rounds =~ ^[0-9]+$ && $rounds -ge 1 && $rounds -le 20 ]] || die "ROUNDS must be 1..20"
 [[ $settle_max =~ ^[0-9]+$ && $settle_max -le 600 ]] || die "BENCH_SETTLE must be 0..600 seconds"
 [[ $pfx =~ ^127\.[0-9]{1,3}\.[0-9]{1,3}$ ]] || die "CLUSTER_IP_PREFIX must be 127.X.Y (loopback only)"
-for tool in fio python3 nbdinfo nbd-server truncate timeout numfmt; do
-	command -v "$tool" >/dev/null || die "$tool not found (apt-get install fio libnbd-bin nbd-server)"
+for tool in fio python3 nbdinfo nbd-server truncate timeout numfmt cc; do
+	command -v "$tool" >/dev/null || die "$tool not found (apt-get install fio libnbd-bin nbd-server gcc)"
 done
 size_bytes=$(numfmt --from=iec "${size%B}" 2>/dev/null) || die "BENCH_SIZE '$size' is not a size (e.g. 256M, 1G)"
 ((size_bytes >= 4 << 20 && size_bytes % 4096 == 0)) || die "BENCH_SIZE must be at least 4M and a multiple of 4k"
@@ -104,7 +118,7 @@ res=$work/results
 cdir=$work/cluster
 mkdir -p "$res" "$work/data" "$cdir"
 
-nbdsrv_pid="" child_pid="" cluster_started=0 built=""
+nbdsrv_pid="" child_pid="" cluster_started=0 built="" floor_pids=()
 
 # stop PID NAME: SIGTERM, wait up to 10 s, then SIGKILL. Only pids we started.
 stop() {
@@ -128,6 +142,9 @@ cleanup() {
 		"$scripts/cluster-down" "$cdir" >>"$res/cluster.log" 2>&1 || echo "bench replicated: cluster-down failed; see $res/cluster.log" >&2
 	fi
 	stop "$nbdsrv_pid" nbd-server
+	for pid in "${floor_pids[@]}"; do
+		stop "$pid" floor
+	done
 	wait 2>/dev/null || true
 	cp "$cdir"/n*.log "$res/" 2>/dev/null || true
 	if [[ ${BENCH_KEEP:-0} != 1 ]]; then
@@ -174,9 +191,12 @@ check_space() {
 
 declare -A uri
 
+# free_port: a TCP port on 127.0.0.1 free now.
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
 start_nbdsrv() {
 	local port i
-	port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+	port=$(free_port)
 	truncate -s "$size_bytes" "$work/data/nbd-server.img"
 	cat >"$work/nbd-server.conf" <<-EOF
 		[generic]
@@ -200,6 +220,25 @@ start_nbdsrv() {
 	[[ -n $nbdsrv_pid ]] || die "nbd-server wrote no pid file"
 	uri[nbd-server]=nbd://127.0.0.1:$port/bench
 	wait_nbd "${uri[nbd-server]}" nbd-server
+}
+
+# start_floor: builds bench.d/floor.c and starts floor-r1 (one process) and
+# floor-r2 (a primary and its secondary), each on its own file.
+start_floor() {
+	local bin=$work/bin p1 p2 p3
+	mkdir -p "$bin"
+	cc -O2 -o "$bin/floor" "$here/floor.c" 2>>"$res/floor.log" || die "cc floor.c failed; see $res/floor.log"
+	p1=$(free_port) p2=$(free_port) p3=$(free_port)
+	"$bin/floor" nbd "$p1" "$size_bytes" "$work/data/floor-r1.img" >>"$res/floor.log" 2>&1 &
+	floor_pids+=($!)
+	"$bin/floor" secondary "$p3" "$work/data/floor-r2b.img" >>"$res/floor.log" 2>&1 &
+	floor_pids+=($!)
+	"$bin/floor" nbd "$p2" "$size_bytes" "$work/data/floor-r2a.img" "$p3" >>"$res/floor.log" 2>&1 &
+	floor_pids+=($!)
+	uri[floor-r1]=nbd://127.0.0.1:$p1/floor
+	uri[floor-r2]=nbd://127.0.0.1:$p2/floor
+	wait_nbd "${uri[floor-r1]}" floor-r1
+	wait_nbd "${uri[floor-r2]}" floor-r2
 }
 
 ctl() { timeout 40 "$storctl" --api "$api" --timeout 30s "$@"; }
@@ -338,6 +377,7 @@ echo "bench replicated: in $work: ${rounds} round(s) of ${runtime} s cells, volu
 load_start=$(loadavg)
 start_cluster
 start_nbdsrv
+start_floor
 measure_idle
 settles=()
 
@@ -445,7 +485,7 @@ def ratio(a, b):
 head = ["row"]
 for p in peers:
     head += [f"{p} IOPS", "p50 µs", "p99 µs"]
-head += ["r2/r1 IOPS", "r2/r1 p50", "r2/nbd-server IOPS"]
+head += ["r2/r1 IOPS", "r2/r1 p50", "r2/nbd-server IOPS", "floor r2/r1 p50"]
 lines = [head]
 for row in rows:
     line = [row]
@@ -456,6 +496,8 @@ for row in rows:
     line.append(f"{ratio(r2[0], r1[0]):.2f}" if r2 and r1 else "-")
     line.append(f"{ratio(r2[1], r1[1]):.2f}" if r2 and r1 else "-")
     line.append(f"{ratio(r2[0], ns[0]):.2f}" if r2 and ns else "-")
+    f2, f1 = med.get((row, "floor-r2")), med.get((row, "floor-r1"))
+    line.append(f"{ratio(f2[1], f1[1]):.2f}" if f2 and f1 and not row.endswith("qd32") else "-")
     lines.append(line)
 widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
 fmt = lambda l: "| " + " | ".join(c.ljust(w) for c, w in zip(l, widths)) + " |"
@@ -466,20 +508,28 @@ for l in lines[1:]:
 print()
 print(f"Medians over {'/'.join(map(str, nrounds))} round(s). Latency is fio's completion latency "
       "(the fsync row: the flush's latency). r2: 2 replicas, r1: 1 replica (unreplicated), "
-      "both stor `stord run` volumes on a 2-node loopback cluster; nbd-server: Debian's, on a file.")
+      "both stor `stord run` volumes on a 2-node loopback cluster; nbd-server: Debian's, on a file; "
+      "floor-r2/floor-r1: bench.d/floor.c, the bare C server with and without a second process to forward to "
+      "(one request at a time: its QD32 cells are no floor).")
 print()
 
-def target(label, row, idx, cmp, bound):
+def target(label, row, idx, cmp, bound, floored=False):
     r2, r1 = med.get((row, "r2")), med.get((row, "r1"))
     if not r2 or not r1:
         print(f"{label}: no figure")
         return
     x = ratio(r2[idx], r1[idx])
     met = x >= bound if cmp == ">=" else x <= bound
-    print(f"{label}: r2/r1 = {x:.2f} ({'MET' if met else 'NOT MET'})")
+    f2, f1 = med.get((row, "floor-r2")), med.get((row, "floor-r1"))
+    floor = ""
+    if floored and f2 and f1:
+        fx = ratio(f2[idx], f1[idx])
+        fmet = fx >= bound if cmp == ">=" else fx <= bound
+        floor = f"; the bare floor's r2/r1 = {fx:.2f}" + ("" if fmet else " (the bare floor misses it too on this machine)")
+    print(f"{label}: r2/r1 = {x:.2f} ({'MET' if met else 'NOT MET'}){floor}")
 
 target("2-replica 4k randwrite QD32 IOPS >= 0.6x unreplicated", "4k-randwrite-qd32", 0, ">=", 0.6)
-target("QD1 p50 latency <= 2x unreplicated", "4k-randwrite-qd1", 1, "<=", 2.0)
+target("QD1 p50 latency <= 2x unreplicated", "4k-randwrite-qd1", 1, "<=", 2.0, floored=True)
 EOF
 	unset IFS
 	echo
