@@ -885,7 +885,7 @@ func (c *Core) HasReady() bool {
 			return true
 		}
 		for _, id := range c.order {
-			if p := c.peers[id]; p.needSnap || (p.next <= c.lastIndex() && p.next <= p.match+api.OpNum(c.cfg.MaxInflight) && !p.probeSent) {
+			if p := c.peers[id]; !c.snapHeld(p) && (p.needSnap || (p.next <= c.lastIndex() && p.next <= p.match+api.OpNum(c.cfg.MaxInflight) && !p.probeSent)) {
 				return true
 			}
 		}
@@ -990,6 +990,18 @@ func (c *Core) sendAppends() {
 	last := c.lastIndex()
 	for _, id := range c.order {
 		p := c.peers[id]
+		if c.snapHeld(p) {
+			// A peer in the quorum that needs a snapshot cannot ack the
+			// noop either: drop it (the noop then commits under a solo
+			// blessing); it gets its snapshot after, and joins again as
+			// any peer does.
+			if p.quorum() && !p.dropping {
+				p.dropping = true
+				delete(c.ctl, ctlKey{wire.CtlInSync, id})
+				c.askControl(wire.CtlDropPeer, id)
+			}
+			continue
+		}
 		if p.needSnap || p.next <= c.snapIndex {
 			// The state at the commit index; the driver fills Data.
 			t, _ := c.term(c.commit)
@@ -1065,6 +1077,17 @@ func (c *Core) sendAppends() {
 		}
 	}
 	c.hbDue = false
+}
+
+// snapHeld reports whether p needs a snapshot that must wait for this
+// epoch's noop to commit. Until then our commit index can be below what
+// the peer committed in an earlier epoch (after a restart it is our
+// checkpoint), and a snapshot of that state would take the peer back past
+// acknowledged, even flushed, writes while it still counts as in sync: the
+// control plane could then promote it and lose them (a simulation seed
+// did, with a power loss of the primary).
+func (c *Core) snapHeld(p *progress) bool {
+	return (p.needSnap || p.next <= c.snapIndex) && c.commit < c.noop
 }
 
 // ctlNext returns the control request to send next: the one in flight,

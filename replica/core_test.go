@@ -196,6 +196,47 @@ func TestPromoteAdoptsUncommittedNotes(t *testing.T) {
 	check(t, cl)
 }
 
+// TestPrimaryPowerLossKeepsFlushedWrites: the primary loses power, and
+// with it two writes it had committed but not synced, which the secondary
+// holds and knows committed. Promoted again, it must not send the
+// secondary a snapshot of its state before its noop commits (its commit
+// index is 0 after the restart): that would empty a replica the control
+// plane still counts in sync, flushed write included. It drops the peer,
+// commits solo, and the peer catches up from there.
+func TestPrimaryPowerLossKeepsFlushedWrites(t *testing.T) {
+	cl := newCluster(t, 2)
+	cl.PowerLoss = true // ops 5 and 6 get committed twice, differently
+	write(t, cl, 0, 1)
+	c := cl.Clients[0]
+	c.Issue(cl, wire.KindFlush, 0, 0)
+	runUntil(t, cl, 200, "flush acknowledged", c.Idle)
+	write(t, cl, 1, 2)
+	write(t, cl, 1, 3)
+	n1, n2 := cl.Node("n1"), cl.Node("n2")
+	runUntil(t, cl, 50, "n2 knows the commit index", func() bool { return n2.Core.Commit() == n1.Core.LastIndex() })
+	cl.Crash("n1", false)
+	n1.Disk.Log = n1.Disk.Log[:n1.Disk.Synced] // the power loss: the unsynced tail is gone
+	if len(n1.Disk.Log) >= int(n2.Core.LastIndex()) {
+		t.Fatalf("n1 kept %d ops, n2 has %d: nothing lost", len(n1.Disk.Log), n2.Core.LastIndex())
+	}
+	cl.Restart("n1")
+	cl.Net.Cut("n2", replicatest.ControlID) // so that n1 is the one promoted
+	if !cl.Failover() || cl.CP.Primary != "n1" {
+		t.Fatalf("no failover to n1: primary %s", cl.CP.Primary)
+	}
+	runUntil(t, cl, 300, "n1 serves and n2 is back in sync", func() bool {
+		if cl.CP.InSync["n2"] && n2.State[0] != 1 {
+			t.Fatalf("n2 counts as in sync but block 0 = %d: the flushed write is gone\n%s", n2.State[0], cl.Dump())
+		}
+		return cl.CheckEqual() == nil
+	})
+	cl.Net.HealAll()
+	if got := read(t, cl, 0); got != 1 {
+		t.Fatalf("block 0 reads %d, want 1", got)
+	}
+	check(t, cl)
+}
+
 // TestAppendBoundedInBytes: 40 pipelined 1 MiB writes leave the primary in
 // Appends of at most maxAppendBytes of write data each (a larger frame
 // would be refused by the wire every time), and every entry is sent.
