@@ -293,6 +293,7 @@ func (cl *Cluster) drain(nd *Node) {
 			cl.tracef("%s installs snapshot at %d", nd.ID, s.Index)
 		}
 		if t := rd.TruncateFrom; t != 0 {
+			cl.tracef("%s truncates from %d (log %d..%d)", nd.ID, t, d.SnapIndex, d.SnapIndex+api.OpNum(len(d.Log)))
 			k := int(t - d.SnapIndex - 1)
 			d.Log = d.Log[:k]
 			d.Synced = min(d.Synced, k)
