@@ -48,6 +48,12 @@ package replica
 //     PrevOp) matches its log; otherwise it rejects with a hint, and the
 //     primary resends from there (or sends a snapshot: the whole state at
 //     an opnum). It commits up to min(primary's commit, what it verified).
+//     An ordinary snapshot never drops ops it acked in its epoch: when its
+//     log holds the snapshot's op, it only moves the commit index.
+//   - Snapshots wait for the noop. A primary sends none before its epoch's
+//     noop commits (until then its commit index can be below what a peer
+//     committed earlier: after a restart it is the checkpoint); a quorum
+//     peer that needs one is dropped instead, and gets it after.
 //   - Fencing. A message of a lower epoch is answered with Stale carrying
 //     the higher one; anyone learning a higher epoch adopts it (durably,
 //     Ready.Hard) and a primary steps down, failing its pending client ops
@@ -65,8 +71,12 @@ package replica
 // once the quorum acks the noop. It must not truncate: every op the old
 // primary committed (and so perhaps acknowledged) is in its log, since
 // commit needed its ack, but it cannot tell which of its notes were
-// committed. Notes that other replicas hold beyond the new primary's log
-// were never committed (commit needed the new primary's ack) and are
+// committed. (A power loss of the promoted replica breaks this: committed
+// ops it had not synced are gone from its log, and its state then replaces
+// the peers' by a forced snapshot, see stepAppendResp. Flushed ops were
+// synced on every quorum replica and survive.) Notes that other replicas
+// hold beyond the new primary's log were never committed (commit needed
+// the new primary's ack) and are
 // truncated there: by the conflict check, and, once a secondary verified an
 // entry of the current epoch, every later entry of an older epoch is
 // dropped (the primary's log past its noop holds only current-epoch
