@@ -47,7 +47,7 @@
 # and of the p50/p99 completion latency (the fsync row: the flush's
 # latency, as scripts/bench), then the
 # ratios r2/r1 IOPS, r2/r1 p50, r2/nbd-server IOPS and the floor's r2/r1
-# p50, then the targets (each with the floor's ratio beside it):
+# p50, then the targets (the QD1 one with the floor's ratio beside it):
 #
 #   2-replica 4k randwrite QD32 IOPS >= 0.6x unreplicated   (r2/r1, row 4k-randwrite-qd32)
 #   QD1 p50 latency <= 2x unreplicated                      (r2/r1, row 4k-randwrite-qd1)
