@@ -28,10 +28,11 @@
 // there is nothing to overlap it with. A FLUSH runs inline only alone,
 // while recent ones took under 100 times Config.InlineBelow (2 ms by
 // default: a request arriving meanwhile waits no longer than that to be
-// read). A slow device never runs inline, so its requests keep overlapping. READs of 256 KiB up to 1 MiB have their own
-// average, per MiB, and bound (Config.InlineLargeReadsBelow, on where
-// GOMAXPROCS is 2 or less): served from memory they are CPU work, and
-// without spare CPUs serial beats parallel there too.
+// read). A slow device never runs inline, so its requests keep
+// overlapping. READs of 256 KiB up to 1 MiB have their own average, per
+// MiB, and bound (Config.InlineLargeReadsBelow, on where GOMAXPROCS is 2
+// or less): served from memory they are CPU work, and without spare CPUs
+// serial beats parallel there too.
 //
 // Workers execute requests concurrently and write replies out of order
 // under a write mutex, each reply whole in one write call: a read reply's
