@@ -62,29 +62,21 @@ static void die(const char *what) {
 	exit(1);
 }
 
-static int full_read(int fd, void *b, size_t n) {
-	for (size_t got = 0; got < n;) {
-		ssize_t k = read(fd, (char *)b + got, n - got);
+// full moves all n bytes of b: reads them (wr == 0) or writes them.
+static int full(int fd, void *b, size_t n, int wr) {
+	for (size_t done = 0; done < n;) {
+		ssize_t k = wr ? write(fd, (char *)b + done, n - done) : read(fd, (char *)b + done, n - done);
 		if (k < 0 && errno == EINTR)
 			continue;
 		if (k <= 0)
 			return -1;
-		got += k;
+		done += k;
 	}
 	return 0;
 }
 
-static int full_write(int fd, const void *b, size_t n) {
-	for (size_t put = 0; put < n;) {
-		ssize_t k = write(fd, (const char *)b + put, n - put);
-		if (k < 0 && errno == EINTR)
-			continue;
-		if (k <= 0)
-			return -1;
-		put += k;
-	}
-	return 0;
-}
+static int full_read(int fd, void *b, size_t n) { return full(fd, b, n, 0); }
+static int full_write(int fd, const void *b, size_t n) { return full(fd, (void *)b, n, 1); }
 
 static void nodelay(int s) {
 	int one = 1;
